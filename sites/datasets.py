@@ -1,0 +1,57 @@
+"""Torch datasets over a site's slices: one item per subject (the privacy unit), or per slice."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.conditions import CONDITION_VECTOR
+from sites.bids import SiteSlices
+
+
+def _item(slices: SiteSlices, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image [1, H, W] in [-1, 1], conditions [7] laid out as CONDITION_VECTOR)."""
+    image = torch.from_numpy(slices.images[i].astype(np.float32)).unsqueeze(0) * 2.0 - 1.0
+    conditions = torch.tensor([float(getattr(slices, name)[i]) for name in CONDITION_VECTOR], dtype=torch.float32)
+    return image, conditions
+
+
+class SubjectDataset(Dataset):
+    """Item i is subject i: a random slice of a random available scan of that subject.
+
+    Because one item is one subject, Poisson sampling of items is Poisson sampling of
+    subjects, and per-item gradient clipping bounds each subject's contribution.
+    """
+
+    def __init__(self, slices: SiteSlices, seed: int = 0) -> None:
+        self.slices = slices
+        self.generator = torch.Generator().manual_seed(seed)
+        # For each subject, for each of its scans, the slice indices of that scan.
+        self.by_subject: list[list[np.ndarray]] = []
+        for s in range(len(slices.subjects)):
+            rows = np.nonzero(slices.subject == s)[0]
+            self.by_subject.append([rows[slices.scan[rows] == scan] for scan in np.unique(slices.scan[rows])])
+
+    def __len__(self) -> int:
+        return len(self.by_subject)
+
+    def __getitem__(self, subject: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scans = self.by_subject[subject]
+        if not scans:
+            raise IndexError(f"subject {self.slices.subjects[subject]} has no usable slices")
+        rows = scans[int(torch.randint(len(scans), (1,), generator=self.generator))]
+        return _item(self.slices, int(rows[int(torch.randint(len(rows), (1,), generator=self.generator))]))
+
+
+class SliceDataset(Dataset):
+    """Every slice once, in order: for evaluation."""
+
+    def __init__(self, slices: SiteSlices) -> None:
+        self.slices = slices
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _item(self.slices, i)
