@@ -17,7 +17,7 @@ class Modality(str, Enum):
     PDw = "PDw"
 
     @property
-    def index(self) -> int:
+    def ordinal(self) -> int:
         return list(Modality).index(self)
 
 
@@ -30,7 +30,7 @@ class Pathology(str, Enum):
     dementia = "dementia"
 
     @property
-    def index(self) -> int:
+    def ordinal(self) -> int:
         return list(Pathology).index(self)
 
 
@@ -54,8 +54,8 @@ def parse_pathology(text: str) -> Pathology:
 
 # Layout of the per-slice condition vector that datasets yield (NaN = unknown).
 CONDITION_VECTOR = (
-    "modality",  # Modality.index
-    "pathology",  # Pathology.index
+    "modality",  # Modality.ordinal
+    "pathology",  # Pathology.ordinal
     "field_strength",  # tesla
     "repetition_time",  # s
     "echo_time",  # s

@@ -104,7 +104,10 @@ def _read_participants(path: Path, problems: _Problems) -> dict[str, Subject]:
             pathology = Pathology(label)
         except ValueError:
             valid = ", ".join(p.value for p in Pathology)
-            problems.report(path, f"line {line}: unknown pathology label {label!r} for {row['participant_id']}; valid labels: {valid}")
+            problems.report(
+                path,
+                f"line {line}: unknown pathology label {label!r} for {row['participant_id']}; valid labels: {valid}",
+            )
             continue
         age = _number_or_none(row.get("age"))
         subjects[row["participant_id"]] = Subject(row["participant_id"], pathology, age, row.get("sex") or None)
@@ -152,7 +155,15 @@ def _index_scan(path: Path, subjects: dict[str, Subject], problems: _Problems) -
         problems.report(sidecar_path, "RepetitionTime/EchoTime look like milliseconds; BIDS uses seconds")
         return None
     ti = sidecar.get("InversionTime")
-    return Scan(path, subject, modality, float(sidecar["MagneticFieldStrength"]), float(sidecar["RepetitionTime"]), float(sidecar["EchoTime"]), float(ti) if ti else None)
+    return Scan(
+        path,
+        subject,
+        modality,
+        float(sidecar["MagneticFieldStrength"]),
+        float(sidecar["RepetitionTime"]),
+        float(sidecar["EchoTime"]),
+        float(ti) if ti else None,
+    )
 
 
 def load_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -177,7 +188,9 @@ def load_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return data, zooms  # type: ignore[return-value]
 
 
-def axial_slices(data: np.ndarray, zooms: tuple[float, float, float], image_size: int, fov_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def axial_slices(
+    data: np.ndarray, zooms: tuple[float, float, float], image_size: int, fov_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Normalized axial slices [S, image_size, image_size] in [0, 1] and their positions [S] in [0, 1].
 
     Foreground = voxels above 10 % of the 99th percentile. Slices whose foreground area is at
@@ -215,8 +228,8 @@ class SiteSlices:
     images: np.ndarray  # [N, H, W] float16 in [0, 1]
     subject: np.ndarray  # [N] index into `subjects`
     scan: np.ndarray  # [N] index of the scan the slice came from
-    modality: np.ndarray  # [N] Modality.index
-    pathology: np.ndarray  # [N] Pathology.index
+    modality: np.ndarray  # [N] Modality.ordinal
+    pathology: np.ndarray  # [N] Pathology.ordinal
     field_strength: np.ndarray  # [N] tesla
     repetition_time: np.ndarray  # [N] s
     echo_time: np.ndarray  # [N] s
@@ -232,16 +245,33 @@ class SiteSlices:
         """Counts a person checks first: subjects, scans, slices, and what was skipped."""
         return {
             "subjects": len(self.subjects),
-            "scans": int(len(np.unique(self.scan))),
+            "scans": len(np.unique(self.scan)),
             "slices": len(self),
-            "modalities": {m.value: int((self.modality == m.index).sum()) for m in Modality if (self.modality == m.index).any()},
-            "pathologies": {p.value: int(len(np.unique(self.subject[self.pathology == p.index]))) for p in Pathology if (self.pathology == p.index).any()},
+            "modalities": {
+                m.value: int((self.modality == m.ordinal).sum()) for m in Modality if (self.modality == m.ordinal).any()
+            },
+            "pathologies": {
+                p.value: len(np.unique(self.subject[self.pathology == p.ordinal]))
+                for p in Pathology
+                if (self.pathology == p.ordinal).any()
+            },
             "field_strengths": sorted({round(float(b), 3) for b in np.unique(self.field_strength)}),
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
         }
 
 
-_ARRAYS = ("images", "subject", "scan", "modality", "pathology", "field_strength", "repetition_time", "echo_time", "inversion_time", "slice_position")
+_ARRAYS = (
+    "images",
+    "subject",
+    "scan",
+    "modality",
+    "pathology",
+    "field_strength",
+    "repetition_time",
+    "echo_time",
+    "inversion_time",
+    "slice_position",
+)
 
 
 def read_site(
@@ -282,8 +312,8 @@ def read_site(
         for name, value in (
             ("subject", subjects.index(scan.subject)),
             ("scan", n),
-            ("modality", scan.modality.index),
-            ("pathology", subject.pathology.index),
+            ("modality", scan.modality.ordinal),
+            ("pathology", subject.pathology.ordinal),
             ("field_strength", scan.field_strength),
             ("repetition_time", scan.repetition_time),
             ("echo_time", scan.echo_time),

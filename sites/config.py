@@ -28,8 +28,7 @@ class SequenceParams:
     def __post_init__(self) -> None:
         if not 0 < self.echo_time < self.repetition_time:
             raise ValueError(
-                f"need 0 < echo_time < repetition_time, got TE={self.echo_time} s, "
-                f"TR={self.repetition_time} s"
+                f"need 0 < echo_time < repetition_time, got TE={self.echo_time} s, TR={self.repetition_time} s"
             )
         if self.inversion_time is not None and not 0 < self.inversion_time < self.repetition_time:
             raise ValueError(f"inversion_time must lie in (0, TR), got {self.inversion_time} s")
@@ -57,9 +56,7 @@ class ScannerSpec:
         if self.bias_field < 0:
             raise ValueError(f"bias_field must be >= 0, got {self.bias_field}")
         if not _is_axis_codes(self.orientation):
-            raise ValueError(
-                f"orientation must be three axis codes such as 'RAS' or 'LPS', got {self.orientation!r}"
-            )
+            raise ValueError(f"orientation must be three axis codes such as 'RAS' or 'LPS', got {self.orientation!r}")
 
 
 def _is_axis_codes(codes: str) -> bool:

@@ -102,7 +102,12 @@ def _generate(root: Path, spec: SyntheticSpec, workers: int) -> Iterator[dict]:
 
 def _write_dataset_descriptions(root: Path, site: SiteConfig) -> None:
     generated_by = [{"Name": "fedmri sites make", "Description": "synthetic MRI from the MNI152 2009a template"}]
-    description = {"Name": f"fedmri synthetic hospital {site.site_id}", "BIDSVersion": "1.9.0", "DatasetType": "raw", "GeneratedBy": generated_by}
+    description = {
+        "Name": f"fedmri synthetic hospital {site.site_id}",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "raw",
+        "GeneratedBy": generated_by,
+    }
     (root / "dataset_description.json").write_text(json.dumps(description, indent=2))
     truth = root / GROUND_TRUTH
     truth.mkdir(parents=True)
@@ -111,7 +116,15 @@ def _write_dataset_descriptions(root: Path, site: SiteConfig) -> None:
     columns = {
         "age": {"Description": "age at scan", "Units": "year"},
         "sex": {"Description": "F or M"},
-        "pathology": {"Description": "diagnosis", "Levels": {"healthy": "no pathology", "glioma": "glioma", "ms": "multiple sclerosis", "dementia": "dementia"}},
+        "pathology": {
+            "Description": "diagnosis",
+            "Levels": {
+                "healthy": "no pathology",
+                "glioma": "glioma",
+                "ms": "multiple sclerosis",
+                "dementia": "dementia",
+            },
+        },
         "ventricle_expansion_mm": {"Description": "tissue around the lateral ventricles turned to CSF", "Units": "mm"},
         "cortical_thinning_mm": {"Description": "cortical grey matter turned to CSF on the pial side", "Units": "mm"},
         "hippocampal_atrophy": {"Description": "fraction of hippocampal grey matter lost (0-1)"},
@@ -142,17 +155,29 @@ def _write_subject(root: Path, spec: SyntheticSpec, volumes: SubjectVolumes) -> 
     orientation = spec.scanner.orientation
     for modality, scan in volumes.scans.items():
         stem = anat / f"{sub}_{BIDS_SUFFIX[modality]}"
-        _save(np.clip(np.round(scan), 0, 32767).astype(np.int16), volumes.affine, orientation, Path(f"{stem}.nii.gz"), np.int16)
+        _save(
+            np.clip(np.round(scan), 0, 32767).astype(np.int16),
+            volumes.affine,
+            orientation,
+            Path(f"{stem}.nii.gz"),
+            np.int16,
+        )
         Path(f"{stem}.json").write_text(json.dumps(_sidecar(spec, modality), indent=2))
 
     truth = root / GROUND_TRUTH / sub / "anat"
     truth.mkdir(parents=True)
     _save(volumes.lesion_labels, volumes.affine, orientation, truth / f"{sub}_desc-lesion_mask.nii.gz", np.uint8)
-    labels = dict(GLIOMA_LABELS) if draw.pathology.glioma else ({"ms_lesion": MS_LABEL} if draw.pathology.ms_lesions else {})
-    (truth / f"{sub}_desc-lesion_mask.json").write_text(json.dumps({"Labels": labels, "Pathology": draw.pathology.pathology.value}, indent=2))
+    labels = (
+        dict(GLIOMA_LABELS) if draw.pathology.glioma else ({"ms_lesion": MS_LABEL} if draw.pathology.ms_lesions else {})
+    )
+    (truth / f"{sub}_desc-lesion_mask.json").write_text(
+        json.dumps({"Labels": labels, "Pathology": draw.pathology.pathology.value}, indent=2)
+    )
     for name, fraction in volumes.tissue.items():
         # Stored as uint8 with a NIfTI scale factor (nibabel sets scl_slope): 1/255 precision.
-        _save(np.clip(fraction, 0, 1), volumes.affine, orientation, truth / f"{sub}_label-{name}_probseg.nii.gz", np.uint8)
+        _save(
+            np.clip(fraction, 0, 1), volumes.affine, orientation, truth / f"{sub}_label-{name}_probseg.nii.gz", np.uint8
+        )
 
     atrophy = asdict(draw.pathology.atrophy)
     return {

@@ -55,8 +55,17 @@ def _demo() -> Scenario:
 
 def _tiny() -> Scenario:
     """Two 4-subject sites at coarse resolution: for tests and quick trials."""
-    coarse = {"in_plane_mm": 3.0, "slice_thickness_mm": 8.0, "snr_at_1p5t_1mm3": 3.0, "bias_field": 0.2, "intensity_scale": 1000, "orientation": "LPS"}
-    a = _variant("hospital-a", "tiny-a", 11, num_subjects=4, pathology_mix={"healthy": 0.5, "glioma": 0.5}, scanner=coarse)
+    coarse = {
+        "in_plane_mm": 3.0,
+        "slice_thickness_mm": 8.0,
+        "snr_at_1p5t_1mm3": 3.0,
+        "bias_field": 0.2,
+        "intensity_scale": 1000,
+        "orientation": "LPS",
+    }
+    a = _variant(
+        "hospital-a", "tiny-a", 11, num_subjects=4, pathology_mix={"healthy": 0.5, "glioma": 0.5}, scanner=coarse
+    )
     b = _variant("hospital-c", "tiny-b", 12, num_subjects=4, scanner={**coarse, "orientation": "RAS"})
     public = _variant("hospital-b", "tiny-public", 13, num_subjects=4, pathology_mix={"healthy": 1.0}, scanner=coarse)
     return Scenario("tiny", "two 4-subject sites at 3 mm, for tests", [a, b], [public])
@@ -70,21 +79,44 @@ def _iid() -> Scenario:
 
 def _modality_skew() -> Scenario:
     sets = [["T1w", "PDw"], ["T2w", "FLAIR"], ["T1w", "FLAIR"]]
-    sites = [_variant("hospital-b", f"modskew-{i}", 500 + i, modalities=m, num_subjects=100) for i, m in enumerate(sets)]
+    sites = [
+        _variant("hospital-b", f"modskew-{i}", 500 + i, modalities=m, num_subjects=100) for i, m in enumerate(sets)
+    ]
     return Scenario("modality-skew", "1.5 T sites that each acquire different contrasts", sites, _public())
 
 
 def _field_skew() -> Scenario:
     sites = [
         _variant("hospital-c", "fieldskew-0p3t", 600, num_subjects=100),
-        _variant("hospital-b", "fieldskew-1p5t", 601, modalities=["T1w", "T2w", "FLAIR"], pathology_mix={"healthy": 1.0}, num_subjects=100),
-        _variant("hospital-a", "fieldskew-3t", 602, modalities=["T1w", "T2w", "FLAIR"], pathology_mix={"healthy": 1.0}, num_subjects=100),
+        _variant(
+            "hospital-b",
+            "fieldskew-1p5t",
+            601,
+            modalities=["T1w", "T2w", "FLAIR"],
+            pathology_mix={"healthy": 1.0},
+            num_subjects=100,
+        ),
+        _variant(
+            "hospital-a",
+            "fieldskew-3t",
+            602,
+            modalities=["T1w", "T2w", "FLAIR"],
+            pathology_mix={"healthy": 1.0},
+            num_subjects=100,
+        ),
     ]
     return Scenario("field-skew", "healthy T1w/T2w/FLAIR at 0.3 T, 1.5 T and 3 T", sites, _public())
 
 
 def _many_small() -> Scenario:
-    coarse = {"in_plane_mm": 2.5, "slice_thickness_mm": 6.0, "snr_at_1p5t_1mm3": 3.0, "bias_field": 0.25, "intensity_scale": 800, "orientation": "RAS"}
+    coarse = {
+        "in_plane_mm": 2.5,
+        "slice_thickness_mm": 6.0,
+        "snr_at_1p5t_1mm3": 3.0,
+        "bias_field": 0.25,
+        "intensity_scale": 800,
+        "orientation": "RAS",
+    }
     sites = [_variant("hospital-b", f"small-{i:02d}", 700 + i, num_subjects=12, scanner=coarse) for i in range(50)]
     return Scenario("many-small", "50 sites of 12 subjects each (scale tests)", sites, _public())
 

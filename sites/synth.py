@@ -147,7 +147,11 @@ def synthesize_subject(spec: SyntheticSpec, index: int) -> SubjectVolumes:
         parts = {k: v.mean(-1) for k, v in glioma_fractions(glioma, mni_vox).items()}
         mni_vox = glioma_mass_effect(glioma, mni_vox)
         mni = mni_vox @ template_affine[:3, :3].T + template_affine[:3, 3]
-        lesion_fracs = {Tissue.NECROSIS: parts["necrotic_core"], Tissue.ENHANCING: parts["enhancing"], Tissue.EDEMA: parts["edema"]}
+        lesion_fracs = {
+            Tissue.NECROSIS: parts["necrotic_core"],
+            Tissue.ENHANCING: parts["enhancing"],
+            Tissue.EDEMA: parts["edema"],
+        }
         for name, label in GLIOMA_LABELS.items():
             labels[parts[name] >= 0.5] = label
     if draw.pathology.ms_lesions:
@@ -161,7 +165,9 @@ def synthesize_subject(spec: SyntheticSpec, index: int) -> SubjectVolumes:
     at = draw.pathology.atrophy
     vent = np.clip((at.ventricle_expansion_mm - ch["ventricle_distance_mm"]) / 2.0 + 0.5, 0, 1)
     vent *= ch["ventricle_distance_mm"] > 0  # only around existing ventricles
-    cortex = np.clip((at.cortical_thinning_mm - ch["csf_distance_mm"]) / 1.0 + 0.5, 0, 1) * (at.cortical_thinning_mm > 0)
+    cortex = np.clip((at.cortical_thinning_mm - ch["csf_distance_mm"]) / 1.0 + 0.5, 0, 1) * (
+        at.cortical_thinning_mm > 0
+    )
     hippo = at.hippocampal_atrophy * hippocampus_weight(mni.mean(-2))
     lost_gm = gm * np.clip(vent + cortex + hippo, 0, 1)
     lost_wm = wm * vent
@@ -177,7 +183,14 @@ def synthesize_subject(spec: SyntheticSpec, index: int) -> SubjectVolumes:
     if Tissue.MS_LESION in lesion_fracs:
         labels[lesion_fracs[Tissue.MS_LESION] >= 0.5] = MS_LABEL
 
-    fractions = {Tissue.GM: gm, Tissue.WM: wm, Tissue.CSF: csf, Tissue.FAT: ch["fat"], Tissue.BONE: ch["bone"], **lesion_fracs}
+    fractions = {
+        Tissue.GM: gm,
+        Tissue.WM: wm,
+        Tissue.CSF: csf,
+        Tissue.FAT: ch["fat"],
+        Tissue.BONE: ch["bone"],
+        **lesion_fracs,
+    }
     scans = {m: _acquire(m, spec, fractions, affine, rng) for m in spec.modalities}
     tissue = {"GM": gm.astype(np.float32), "WM": wm.astype(np.float32), "CSF": csf.astype(np.float32)}
     return SubjectVolumes(draw, affine, scans, tissue, labels)

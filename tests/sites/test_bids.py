@@ -1,0 +1,210 @@
+"""The client's BIDS reader: slices and conditions, datasets, caching, and every bad input."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common.conditions import CONDITION_VECTOR, Modality, Pathology
+from sites.bids import SiteDataError, read_site
+from sites.datasets import SliceDataset, SubjectDataset
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def site(tiny_sites: Path, tmp_path: Path) -> Path:
+    """A private copy of tiny-b (0.3 T, 4 healthy subjects: T1w, T2w, FLAIR)."""
+    return Path(shutil.copytree(tiny_sites / "tiny-b", tmp_path / "tiny-b"))
+
+
+def test_reads_slices_with_conditions(tiny_sites: Path) -> None:
+    slices = read_site(tiny_sites / "tiny-a", image_size=32, fov_mm=220.0)
+    assert slices.images.shape[1:] == (32, 32)
+    assert float(slices.images.min()) >= 0.0 and float(slices.images.max()) <= 1.0
+    assert set(np.unique(slices.modality)) == {
+        m.ordinal for m in (Modality.T1w, Modality.T1ce, Modality.T2w, Modality.FLAIR)
+    }
+    assert set(np.unique(slices.pathology)) == {Pathology.healthy.ordinal, Pathology.glioma.ordinal}
+    assert np.all(slices.field_strength == 3.0)
+    flair = slices.modality == Modality.FLAIR.ordinal
+    assert np.all(np.isfinite(slices.inversion_time[flair])) and np.all(np.isnan(slices.inversion_time[~flair]))
+    assert slices.slice_position.min() == 0.0 and slices.slice_position.max() == 1.0
+    assert slices.summary()["subjects"] == 4
+
+
+def test_reorientation_makes_lps_and_ras_sites_agree(tiny_sites: Path, tmp_path: Path) -> None:
+    # tiny-a is stored LPS. Re-saving a scan as RAS must give the same slices.
+    slices_lps = read_site(tiny_sites / "tiny-a", image_size=32)
+    copy = Path(shutil.copytree(tiny_sites / "tiny-a", tmp_path / "tiny-a"))
+    for path in copy.glob("sub-*/anat/*.nii.gz"):
+        nib.save(nib.as_closest_canonical(nib.load(path)), path)
+    slices_ras = read_site(copy, image_size=32)
+    assert np.array_equal(slices_lps.images, slices_ras.images)
+
+
+def test_subject_dataset_yields_one_subject_per_item(tiny_sites: Path) -> None:
+    slices = read_site(tiny_sites / "tiny-a", image_size=32)
+    dataset = SubjectDataset(slices, seed=0)
+    assert len(dataset) == 4
+    for subject in range(4):
+        image, conditions = dataset[subject]
+        assert image.shape == (1, 32, 32) and image.min() >= -1.0 and image.max() <= 1.0
+        assert conditions.shape == (len(CONDITION_VECTOR),)
+        # The slice really belongs to this subject: it matches one of the subject's slices.
+        own = torch.from_numpy(slices.images[slices.subject == subject].astype(np.float32)) * 2 - 1
+        assert (own - image).abs().flatten(1).max(1).values.min() == 0
+    assert len(SliceDataset(slices)) == len(slices)
+
+
+def test_cache_is_used_and_invalidated_outside_the_site(site: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    before = _tree_digest(site)
+    first = read_site(site, image_size=32, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 1
+    again = read_site(site, image_size=32, cache_dir=cache)
+    assert np.array_equal(first.images, again.images)
+    assert _tree_digest(site) == before
+    # Changing a scan changes the cache key.
+    path = site / "sub-001" / "anat" / "sub-001_T2w.nii.gz"
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), image.affine, image.header), path)
+    read_site(site, image_size=32, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 2
+    with pytest.raises(SiteDataError, match="lies inside the site data"):
+        read_site(site, image_size=16, cache_dir=site / "cache")
+
+
+def _truncate(site: Path) -> Path:
+    path = site / "sub-002" / "anat" / "sub-002_T1w.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _replace_volume(array: np.ndarray) -> Callable[[Path], Path]:
+    def change(site: Path) -> Path:
+        path = site / "sub-002" / "anat" / "sub-002_T2w.nii.gz"
+        nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+        return path
+
+    return change
+
+
+def _nan_volume(site: Path) -> Path:
+    path = site / "sub-002" / "anat" / "sub-002_T2w.nii.gz"
+    data = np.asarray(nib.load(path).dataobj).astype(np.float32)
+    data[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(data, nib.load(path).affine), path)
+    return path
+
+
+def _drop_sidecar_field(site: Path) -> Path:
+    path = site / "sub-002" / "anat" / "sub-002_FLAIR.json"
+    sidecar = json.loads(path.read_text())
+    del sidecar["InversionTime"]
+    path.write_text(json.dumps(sidecar))
+    return path
+
+
+def _unknown_suffix(site: Path) -> Path:
+    anat = site / "sub-002" / "anat"
+    for ext in (".nii.gz", ".json"):
+        (anat / f"sub-002_T2w{ext}").rename(anat / f"sub-002_T2starw{ext}")
+    return anat / "sub-002_T2starw.nii.gz"
+
+
+def _edit_participants(change: Callable[[list[dict]], list[dict]]) -> Callable[[Path], Path]:
+    def edit(site: Path) -> Path:
+        path = site / "participants.tsv"
+        rows = change(list(csv.DictReader(path.read_text().splitlines(), delimiter="\t")))
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t")
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    return edit
+
+
+def _drop_subject(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["participant_id"] != "sub-002"]
+
+
+def _unknown_label(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        if r["participant_id"] == "sub-002":
+            r["pathology"] = "stroke"
+    return rows
+
+
+BAD_INPUTS = {
+    "truncated gzip": (_truncate, "sub-002_T1w.nii.gz: corrupt or truncated NIfTI"),
+    "NaN voxels": (_nan_volume, "sub-002_T2w.nii.gz: 1 NaN or Inf voxels"),
+    "4D volume": (
+        _replace_volume(np.ones((8, 8, 8, 2), np.float32)),
+        r"sub-002_T2w.nii.gz: expected a 3D volume, got 4D",
+    ),
+    "2D volume": (_replace_volume(np.ones((8, 8), np.float32)), r"sub-002_T2w.nii.gz: expected a 3D volume, got 2D"),
+    "empty volume": (_replace_volume(np.zeros((8, 8, 8), np.float32)), "sub-002_T2w.nii.gz: empty volume"),
+    "sidecar field missing": (_drop_sidecar_field, "sub-002_FLAIR.json: sidecar field InversionTime is missing"),
+    "unknown suffix": (_unknown_suffix, "sub-002_T2starw.nii.gz: unknown modality suffix 'T2starw'"),
+    "subject not in participants.tsv": (
+        _edit_participants(_drop_subject),
+        "sub-002_.*: subject sub-002 is missing from participants.tsv",
+    ),
+    "unknown pathology": (
+        _edit_participants(_unknown_label),
+        r"participants.tsv: line \d: unknown pathology label 'stroke' .*valid labels: healthy",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_strict_names_file_and_problem(site: Path, case: str) -> None:
+    corrupt, message = BAD_INPUTS[case]
+    corrupt(site)
+    before = _tree_digest(site)
+    with pytest.raises(SiteDataError, match=message):
+        read_site(site, strict=True, image_size=16)
+    assert _tree_digest(site) == before  # nothing in the site folder was touched
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_lenient_skips_and_lists(site: Path, case: str, tmp_path: Path) -> None:
+    corrupt, message = BAD_INPUTS[case]
+    corrupt(site)
+    before = _tree_digest(site)
+    slices = read_site(site, strict=False, image_size=16, cache_dir=tmp_path / "cache")
+    assert _tree_digest(site) == before
+    skipped = [f"{entry['file']}: {entry['reason']}" for entry in slices.summary()["skipped"]]
+    assert any(re.search(message, line) for line in skipped), skipped
+    assert slices.summary()["subjects"] >= 3  # the rest of the site is still read
+
+
+def test_site_without_usable_scans_fails_even_when_lenient(site: Path) -> None:
+    for path in site.glob("sub-*/anat/*.nii.gz"):
+        path.write_bytes(b"not a nifti")
+    with pytest.raises(SiteDataError, match="no usable scans"):
+        read_site(site, strict=False, image_size=16)
+
+
+def test_missing_dataset_description_is_explained(site: Path) -> None:
+    (site / "dataset_description.json").unlink()
+    with pytest.raises(SiteDataError, match=r"dataset_description\.json: missing; is .* a BIDS dataset"):
+        read_site(site)
