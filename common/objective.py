@@ -1,0 +1,87 @@
+"""The LDM training loss, top to bottom, and EMA weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from torch import nn
+
+from common.conditioning import drop_attributes
+
+
+@torch.no_grad()
+def encode(
+    vae: AutoencoderKL, images: torch.Tensor, scale_factor: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """images [B, 1, H, W] in [-1, 1] -> scaled latents [B, 4, H/4, W/4] (a sample of q(z|x))."""
+    latents = vae.encode(images).latent_dist.sample(generator)  # -> [B, 4, 16, 16]
+    # Rombach et al. 2022, §4.3.2 / App. G: rescale latents to unit variance before diffusion.
+    return latents * scale_factor
+
+
+def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, eq. 9): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v."""
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1.0 - alphas)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1.0) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
+
+
+def ldm_loss(
+    denoiser: nn.Module,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    conditions: torch.Tensor,
+    generator: torch.Generator | None = None,
+    drop_prob: float = 0.1,
+    min_snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Mean denoising loss of a batch of scaled latents [B, 4, h, w] and conditions [B, 7].
+
+    `denoiser` is the plain module or its Opacus wrapper: this function reads the same either way.
+    """
+    batch = latents.shape[0]
+    # Noise and timestep: t ~ U{0..T-1}, ε ~ N(0, I) (Ho et al. 2020, Alg. 1).
+    noise = torch.randn(latents.shape, generator=generator)  # -> [B, 4, h, w]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    # Forward process: z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε (Ho et al. 2020, eq. 4).
+    noisy = scheduler.add_noise(latents, noise, timesteps)  # -> [B, 4, h, w]
+    # Condition: drop attribute groups at random for classifier-free guidance (Ho & Salimans 2022).
+    conditions = drop_attributes(conditions, drop_prob, generator)  # -> [B, 7]
+    # Predict.
+    prediction = denoiser(noisy, timesteps, conditions)  # -> [B, 4, h, w]
+    # Target: ε (Ho et al. 2020, eq. 14) or v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0 (Salimans & Ho 2022, §4).
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    # MSE per sample, optionally min-SNR-γ weighted, then the batch mean.
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))  # -> [B]
+    if min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(scheduler, timesteps, min_snr_gamma)
+    return per_sample.mean()
+
+
+class EMA:
+    """Exponential moving average of a module's trainable parameters (Polyak averaging)."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for name, param in module.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        """A copy of `module` carrying the averaged weights."""
+        averaged = copy.deepcopy(module)
+        params = dict(averaged.named_parameters())
+        with torch.no_grad():
+            for name, value in self.shadow.items():
+                params[name].copy_(value)
+        return averaged

@@ -1,0 +1,168 @@
+"""Pretrain the base LDM on public slices: the VAE first, then the UNet and condition encoder."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.model import LDM, ModelSpec, build_ldm, save_ldm, sha256_file
+from common.objective import EMA, ldm_loss
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    vae_steps: int = 1500
+    unet_steps: int = 4000
+    batch_size: int = 32
+    vae_lr: float = 1e-3
+    unet_lr: float = 3e-4
+    kl_weight: float = 1e-4
+    ema_decay: float = 0.998
+    drop_prob: float = 0.1
+    min_snr_gamma: float | None = 5.0
+    prediction_type: str = "epsilon"
+    max_minutes: float | None = None  # wall-time budget for the UNet phase
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SliceTable:
+    """Public training slices: images [N, 1, H, W] in [-1, 1] and conditions [N, 7]."""
+
+    images: torch.Tensor
+    conditions: torch.Tensor
+
+
+Progress = Callable[[str, int, int, float], None]  # (phase, step, total, loss)
+
+
+def train_vae(ldm: LDM, data: SliceTable, cfg: PretrainConfig, progress: Progress | None = None) -> None:
+    """L1 reconstruction + β·KL (Kingma & Welling 2014; Rombach et al. 2022 §3 use a small β)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    vae = ldm.vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, cfg.vae_steps))
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(len(data.images), (cfg.batch_size,), generator=generator)
+        images = data.images[idx]  # -> [B, 1, 64, 64]
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = (reconstruction - images).abs().mean() + cfg.kl_weight * posterior.kl().mean() / images[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if progress:
+            progress("vae", step + 1, cfg.vae_steps, loss.item())
+    vae.eval()
+
+
+@torch.no_grad()
+def latent_moments(ldm: LDM, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std [N, 4, h, w] of every image (unscaled)."""
+    means, stds = [], []
+    for start in range(0, len(images), batch):
+        dist = ldm.vae.encode(images[start : start + batch]).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def scale_factor(means: torch.Tensor, stds: torch.Tensor) -> float:
+    """1 / std of latent samples, so diffused latents have unit variance (Rombach et al. 2022, §4.3.2)."""
+    generator = torch.Generator().manual_seed(0)
+    sample = means + stds * torch.randn(means.shape, generator=generator)
+    return float(1.0 / sample.flatten().std())
+
+
+def train_unet(
+    ldm: LDM,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    conditions: torch.Tensor,
+    cfg: PretrainConfig,
+    progress: Progress | None = None,
+) -> int:
+    """Train UNet + condition encoder with EMA; the EMA weights replace the live ones. Returns steps done."""
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    denoiser = ldm.denoiser.train()
+    ema = EMA(denoiser, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
+    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    step = 0
+    for step in range(1, cfg.unet_steps + 1):
+        idx = torch.randint(len(means), (cfg.batch_size,), generator=generator)
+        latents = (
+            means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)
+        ) * ldm.settings.scale_factor
+        loss = ldm_loss(denoiser, ldm.scheduler, latents, conditions[idx], generator, cfg.drop_prob, cfg.min_snr_gamma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        ema.update(denoiser)
+        if progress:
+            progress("unet", step, cfg.unet_steps, loss.item())
+        if deadline and time.monotonic() > deadline:
+            break
+    ldm.denoiser = ema.copy_to(denoiser).eval()
+    return step
+
+
+def pretrain(
+    data: SliceTable,
+    out: Path,
+    cfg: PretrainConfig,
+    spec: ModelSpec = ModelSpec(),
+    data_summary: dict | None = None,
+    command: str = "",
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> LDM:
+    """Train a base LDM from scratch on `data` and save it with a provenance file."""
+    start = time.time()
+    torch.manual_seed(cfg.seed)
+    ldm = build_ldm(replace(spec, image_size=data.images.shape[-1]), cfg.prediction_type, seed=cfg.seed)
+    train_vae(ldm, data, cfg, progress)
+    means, stds = latent_moments(ldm, data.images)
+    ldm.settings = replace(ldm.settings, scale_factor=scale_factor(means, stds))
+    unet_steps = train_unet(ldm, means, stds, data.conditions, cfg, progress)
+    files = save_ldm(ldm, out, dtype)
+    provenance = {
+        "command": command or " ".join(sys.argv),
+        "config": asdict(cfg),
+        "model_spec": asdict(spec),
+        "seed": cfg.seed,
+        "data": data_summary or {"slices": len(data.images)},
+        "steps": {"vae": cfg.vae_steps, "unet": unet_steps},
+        "scale_factor": ldm.settings.scale_factor,
+        "dtype": str(dtype).removeprefix("torch."),
+        "wall_time_s": round(time.time() - start, 1),
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+        },
+        "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    return ldm
+
+
+def slice_table(images: np.ndarray, conditions: np.ndarray) -> SliceTable:
+    """float16 [N, H, W] in [0, 1] and [N, 7] -> SliceTable in [-1, 1]."""
+    return SliceTable(
+        torch.from_numpy(images.astype(np.float32)).unsqueeze(1) * 2.0 - 1.0,
+        torch.from_numpy(conditions.astype(np.float32)),
+    )
