@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
+from typing import cast
 
 import torch
 from torch import nn
@@ -75,7 +76,8 @@ def configure(denoiser: Denoiser, mode: FinetuneMode, lora_rank: int = 4) -> Den
         for _, attention in _attention_modules(denoiser):
             for name in ("to_q", "to_k", "to_v"):
                 setattr(attention, name, LoRALinear(getattr(attention, name), lora_rank))
-            attention.to_out[0] = LoRALinear(attention.to_out[0], lora_rank)
+            to_out = cast(nn.ModuleList, attention.to_out)
+            to_out[0] = LoRALinear(cast(nn.Linear, to_out[0]), lora_rank)
         for module in denoiser.unet.modules():
             if isinstance(module, LoRALinear):
                 module.lora_down.requires_grad_(True)
@@ -92,8 +94,9 @@ def merge_lora(denoiser: Denoiser) -> Denoiser:
             layer = getattr(attention, name)
             if isinstance(layer, LoRALinear):
                 setattr(attention, name, layer.merged())
-        if isinstance(attention.to_out[0], LoRALinear):
-            attention.to_out[0] = attention.to_out[0].merged()
+        to_out = cast(nn.ModuleList, attention.to_out)
+        if isinstance(to_out[0], LoRALinear):
+            to_out[0] = to_out[0].merged()
     return denoiser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
@@ -64,6 +65,9 @@ def ldm_loss(
     return per_sample.mean()
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
 class EMA:
     """Exponential moving average of a module's trainable parameters (Polyak averaging)."""
 
@@ -77,7 +81,7 @@ class EMA:
             if name in self.shadow:
                 self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
 
-    def copy_to(self, module: nn.Module) -> nn.Module:
+    def copy_to(self, module: M) -> M:
         """A copy of `module` carrying the averaged weights."""
         averaged = copy.deepcopy(module)
         params = dict(averaged.named_parameters())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ class TextConditionEncoder(nn.Module):
     local_files_only=True. The text model is frozen and kept outside the module's parameters,
     so it is neither federated nor saved with the fine-tuned weights.
     """
+
+    text_model: Any  # the frozen transformers model (set without registering it)
 
     def __init__(self, text_model_dir: str | Path, dim: int, max_length: int = 32) -> None:
         super().__init__()
