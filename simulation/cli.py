@@ -107,6 +107,69 @@ def pretrain(
     console.print(f"base model written to {out} ({len(images)} public slices)")
 
 
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="Run directory: metrics.jsonl, plots, checkpoints, model/.")],
+    scenario: Annotated[
+        str, typer.Option(help="Scenario whose hospitals federate (one virtual SuperNode each).")
+    ] = "demo",
+    sites_dir: Annotated[
+        Path, typer.Option("--sites", help="Where the sites are (synthetic ones are made there if missing).")
+    ] = Path("runs/sites"),
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    local_steps: Annotated[int, typer.Option(help="Proposed DP-SGD steps per site per round.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Proposed expected subjects per step.")] = 16,
+    learning_rate: Annotated[float, typer.Option(help="Proposed local learning rate.")] = 1e-4,
+    mode: Annotated[str, typer.Option(help="Fine-tuning mode: full, attention or lora.")] = "attention",
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
+    base_model: Annotated[str, typer.Option(help="'shipped' or a model directory.")] = "shipped",
+    resume: Annotated[bool, typer.Option(help="Continue from the last valid checkpoint in --out.")] = False,
+    min_train_nodes: Annotated[int, typer.Option(help="Sites needed for a round to count.")] = 1,
+) -> None:
+    """Simulate the federation on this machine with Flower's Simulation Engine.
+
+    Uses the same ServerApp and ClientApp as a real deployment; each site trains with
+    patient-level DP-SGD under its own privacy policy and ledger.
+    """
+    import json
+    import time
+
+    from common.run_config import RunConfig
+    from simulation.engine import run_simulation
+    from sites import scenarios
+    from sites.cli import make_scenario_sites
+
+    try:
+        hospitals = scenarios.create(scenario).hospitals
+        run = RunConfig(
+            num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, learning_rate=learning_rate,
+            finetune_mode=mode, strategy=strategy, base_model=base_model, resume=resume, min_train_nodes=min_train_nodes,
+            run_dir=str(out.resolve()), sites="",
+        )  # fmt: skip
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    yaml_paths = make_scenario_sites(hospitals, sites_dir)
+    run = RunConfig(**{**run.__dict__, "sites": ",".join(str(p.resolve()) for p in yaml_paths)})
+    console.print(f"simulating {len(yaml_paths)} sites x {rounds} rounds ({mode}, {strategy}) -> {out}")
+    start = time.perf_counter()
+    run_simulation(run, len(yaml_paths))
+    records = (
+        [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if (out / "metrics.jsonl").exists()
+        else []
+    )
+    if not records or records[-1]["round"] != rounds or not (out / "model" / "fedmri.json").exists():
+        console.print(f"[red]error:[/red] the simulation did not complete {rounds} rounds; see the log above")
+        raise typer.Exit(1)
+    if sum(r["accepted"] for r in records) == 0:
+        console.print("[red]error:[/red] no site update was aggregated in any round; see the log above")
+        raise typer.Exit(1)
+    console.print(
+        f"done in {time.perf_counter() - start:.0f} s: {out}/model, {out}/loss.png, {out}/epsilon.png, {out}/metrics.jsonl"
+    )
+
+
 def _parse_modalities(text: str | None) -> list | None:
     from common.conditions import parse_modality
 

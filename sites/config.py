@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,12 +119,42 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class PrivacyPolicy:
+    """The hospital's own privacy rules. The server proposes; the site decides."""
+
+    max_epsilon: float = 8.0  # lifetime budget of the site, across all runs that share its ledger
+    delta: float | None = None  # None: min(1e-5, 1/(10 N)) with N the site's subjects
+    max_grad_norm: float = 1.0  # per-subject clipping norm C
+    min_noise_multiplier: float = 0.5  # σ is never set below this, whatever the server asks
+    accountant: str = "prv"  # "prv" (default) or "rdp"; RDP is always reported alongside
+    accept_server_overrides: bool = False  # may the server raise σ or lower C for a run?
+    max_local_steps: int = 200  # per round
+    allow_non_private: bool = False  # σ = 0 (ε = ∞) only if this is true
+    ledger_dir: str = "./.fedmri-ledger"  # relative to the YAML file; stays at the site
+
+    def __post_init__(self) -> None:
+        if not self.max_epsilon > 0:
+            raise ValueError(f"privacy.max_epsilon must be > 0, got {self.max_epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1e-3:
+            raise ValueError(f"privacy.delta must lie in (0, 1e-3), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.min_noise_multiplier < 0:
+            raise ValueError(f"privacy.min_noise_multiplier must be >= 0, got {self.min_noise_multiplier}")
+        if self.accountant not in ("prv", "rdp"):
+            raise ValueError(f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}")
+        if self.max_local_steps < 1:
+            raise ValueError(f"privacy.max_local_steps must be >= 1, got {self.max_local_steps}")
+
+
+@dataclass(frozen=True)
 class SiteConfig:
-    """One hospital: its identity, its data and (for synthetic sites) how it is generated."""
+    """One hospital: its identity, its data, its privacy policy and (if synthetic) its recipe."""
 
     site_id: str
     data: DataSpec
     synthetic: SyntheticSpec | None = None
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def __post_init__(self) -> None:
         if not self.site_id or not all(c.isalnum() or c in "-_" for c in self.site_id):
@@ -154,7 +185,8 @@ def load_site(path: str | Path) -> SiteConfig:
         image_size=site.data.image_size,
         fov_mm=site.data.fov_mm,
     )
-    return SiteConfig(site_id=site.site_id, data=data, synthetic=site.synthetic)
+    privacy = dataclasses.replace(site.privacy, ledger_dir=str((path.parent / site.privacy.ledger_dir).resolve()))
+    return SiteConfig(site_id=site.site_id, data=data, synthetic=site.synthetic, privacy=privacy)
 
 
 def site_from_dict(raw: dict, source: str = "<dict>") -> SiteConfig:

@@ -1,0 +1,125 @@
+"""One round at a site: decide under the policy, train with DP, record the ledger, then release."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from client.ledger import Ledger, LedgerEntry, now
+from client.policy import Proposal, decide
+from client.trainer import TrainSettings, train_round
+from common.finetune import FinetuneMode, configure, load_trainable, trainable_tensors
+from common.model import LDM, load_ldm
+from common.privacy import Segment, default_delta, epsilon
+from common.weights import base_model_dir
+from sites.bids import SiteSlices, read_site
+from sites.config import SiteConfig, load_site
+from sites.datasets import SubjectDataset
+
+# The only metric keys a site ever sends: scalars about the round, nothing per subject.
+METRIC_KEYS = ("loss", "steps", "num-subjects", "epsilon", "epsilon-rdp", "noise-multiplier", "trained")
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """What leaves the site: trainable tensors (only when trained), whitelisted scalars, a status."""
+
+    site_id: str
+    status: str
+    tensors: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unexpected = set(self.metrics) - set(METRIC_KEYS)
+        if unexpected:
+            raise ValueError(f"metrics {sorted(unexpected)} are not on the whitelist {METRIC_KEYS}")
+
+
+@functools.lru_cache(maxsize=4)
+def site_data(yaml_path: str) -> tuple[SiteConfig, SiteSlices]:
+    """The site's config and slices, read once per process (and cached on disk by the reader)."""
+    site = load_site(yaml_path)
+    d = site.data
+    return site, read_site(d.bids_root, d.strict, d.image_size, d.fov_mm, d.cache_dir)
+
+
+def open_ledger(site: SiteConfig, num_subjects: int) -> Ledger:
+    policy = site.privacy
+    delta = policy.delta if policy.delta is not None else default_delta(num_subjects)
+    if delta >= 1.0 / num_subjects:
+        raise ValueError(
+            f"site {site.site_id}: privacy.delta {delta} >= 1/N = {1 / num_subjects:.2g} gives no meaningful guarantee"
+        )
+    path = Path(policy.ledger_dir) / f"{site.site_id}.json"
+    return Ledger.open(path, site.site_id, num_subjects, delta, policy.max_grad_norm, policy.accountant)
+
+
+def load_model(base_model: str, mode: FinetuneMode, lora_rank: int, global_tensors: dict[str, torch.Tensor]) -> LDM:
+    """The base model in fine-tuning mode `mode`, carrying the global trainable tensors."""
+    ldm = load_ldm(base_model_dir() if base_model == "shipped" else Path(base_model))
+    configure(ldm.denoiser, mode, lora_rank)
+    load_trainable(ldm.denoiser, global_tensors)
+    return ldm
+
+
+def run_site_round(
+    yaml_path: str,
+    run_id: int,
+    proposal: Proposal,
+    global_tensors: dict[str, torch.Tensor],
+    base_model: str,
+    mode: FinetuneMode,
+    lora_rank: int,
+    settings: TrainSettings,
+    seed: int,
+) -> SiteReply:
+    """Decide, train, persist the ledger entry, and only then return what may leave the site."""
+    site, slices = site_data(yaml_path)
+    n = len(slices.subjects)
+    ledger = open_ledger(site, n)
+    decision = decide(site.privacy, ledger, proposal, run_id)
+    if decision.status != "train" or decision.plan is None:
+        ledger.append(
+            LedgerEntry(
+                run_id,
+                proposal.server_round,
+                decision.status,
+                None,
+                ledger.epsilon,
+                ledger.epsilon_rdp,
+                decision.notes,
+                now(),
+            )
+        )
+        metrics = {
+            "num-subjects": float(n),
+            "epsilon": ledger.epsilon,
+            "epsilon-rdp": ledger.epsilon_rdp,
+            "trained": 0.0,
+        }
+        return SiteReply(site.site_id, decision.status, None, metrics, decision.notes)
+
+    plan = decision.plan
+    ldm = load_model(base_model, mode, lora_rank, global_tensors)
+    result = train_round(ldm, SubjectDataset(slices, seed=seed), plan, seed, settings)
+    segment = Segment(plan.sample_rate, plan.noise_multiplier, plan.local_steps)
+    history = [*ledger.segments(), segment]
+    eps = epsilon(history, ledger.delta, site.privacy.accountant)
+    eps_rdp = eps if site.privacy.accountant == "rdp" else epsilon(history, ledger.delta, "rdp")
+    # Persisted before the update leaves: a crash after this point over-counts, never under-counts.
+    ledger.append(LedgerEntry(run_id, proposal.server_round, "trained", segment, eps, eps_rdp, decision.notes, now()))
+    metrics = {
+        "loss": result.mean_loss,
+        "steps": float(result.steps),
+        "num-subjects": float(n),
+        "epsilon": eps if math.isfinite(eps) else float("inf"),
+        "epsilon-rdp": eps_rdp,
+        "noise-multiplier": plan.noise_multiplier,
+        "trained": 1.0,
+    }
+    return SiteReply(site.site_id, "trained", trainable_tensors(ldm.denoiser), metrics, decision.notes)

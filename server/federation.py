@@ -1,0 +1,188 @@
+"""The server's round loop: propose, collect, screen, aggregate with a Flower strategy, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from common.finetune import configure, parse_mode, trainable_tensors
+from common.model import LDM, load_ldm
+from common.run_config import RunConfig
+from common.weights import base_model_dir
+from server.checkpoint import Checkpoint, load_latest, save_checkpoint
+from server.validation import update_problem
+
+log = logging.getLogger("fedmri.server")
+
+
+def make_strategy(run: RunConfig) -> Strategy:
+    """Flower's own strategy, weighted by each site's number of subjects."""
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": run.min_train_nodes,
+        "min_available_nodes": run.min_train_nodes,
+        "weighted_by_key": "num-subjects",
+    }
+    if run.strategy == "fedavg":
+        return FedAvg(**common)
+    if run.strategy == "fedprox":
+        return FedProx(proximal_mu=run.proximal_mu, **common)
+    if run.strategy == "fedadam":
+        return FedAdam(eta=run.server_learning_rate, **common)
+    raise ValueError(f"unknown strategy {run.strategy!r}")
+
+
+def base_ldm(run: RunConfig) -> LDM:
+    """The base model in the run's fine-tuning mode (its trainable tensors start the federation)."""
+    ldm = load_ldm(base_model_dir() if run.base_model == "shipped" else Path(run.base_model))
+    configure(ldm.denoiser, parse_mode(run.finetune_mode), run.lora_rank)
+    return ldm
+
+
+@dataclass
+class SiteOutcome:
+    site_id: str
+    status: str  # trained / declined / refused / rejected / error
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def screen(
+    replies: Iterable[Message], reference: dict[str, torch.Tensor], max_update_norm: float
+) -> tuple[list[Message], list[SiteOutcome]]:
+    """Split replies into aggregatable ones and an outcome per site (with the reason when left out)."""
+    accepted, outcomes = [], []
+    for msg in replies:
+        if msg.has_error():
+            outcomes.append(SiteOutcome(f"node-{msg.metadata.src_node_id}", "error", notes=[msg.error.reason]))
+            continue
+        info = msg.content["reply"]
+        outcome = SiteOutcome(
+            str(info["site-id"]), str(info["status"]), dict(msg.content["metrics"]), [n for n in info["notes"] if n]
+        )
+        if outcome.status == "trained":
+            if "arrays" not in msg.content:
+                outcome.status, outcome.notes = "rejected", [*outcome.notes, "reported trained but sent no tensors"]
+            else:
+                problem = update_problem(msg.content["arrays"].to_torch_state_dict(), reference, max_update_norm)
+                if problem is None:
+                    accepted.append(msg)
+                else:
+                    outcome.status, outcome.notes = "rejected", [*outcome.notes, problem]
+        outcomes.append(outcome)
+    return accepted, outcomes
+
+
+def _strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
+    state = {}
+    for name in ("m_t", "v_t"):
+        for key, value in (getattr(strategy, name, None) or {}).items():
+            state[f"{name}/{key}"] = torch.from_numpy(np.asarray(value))
+    return state
+
+
+def _restore_strategy(strategy: Strategy, state: dict[str, torch.Tensor]) -> None:
+    for name in ("m_t", "v_t"):
+        values = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(f"{name}/")}
+        if values:
+            setattr(strategy, name, values)
+
+
+def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
+    """Run (or resume) the federation; returns the final global trainable tensors."""
+    run_dir = Path(run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    strategy = make_strategy(run)
+    ldm = base_ldm(run)
+    global_tensors = trainable_tensors(ldm.denoiser)
+    site_epsilon: dict[str, float] = {}
+    first_round = 1
+    if run.resume:
+        checkpoint = load_latest(run_dir)
+        if checkpoint is None:
+            log.warning("--resume: no valid checkpoint in %s; starting at round 1", run_dir)
+        else:
+            global_tensors, site_epsilon = checkpoint.tensors, dict(checkpoint.info.get("site_epsilon", {}))
+            _restore_strategy(strategy, checkpoint.strategy_state)
+            first_round = checkpoint.server_round + 1
+            log.info("resuming after round %d from %s", checkpoint.server_round, run_dir)
+
+    proposal = ConfigRecord(
+        {
+            "num-rounds": run.num_server_rounds,
+            "local-steps": run.local_steps,
+            "batch-size": run.batch_size,
+            "learning-rate": run.learning_rate,
+            "base-model": run.base_model,
+            "finetune-mode": run.finetune_mode,
+            "lora-rank": run.lora_rank,
+        }
+    )
+    for server_round in range(first_round, run.num_server_rounds + 1):
+        start = time.time()
+        messages = strategy.configure_train(
+            server_round, ArrayRecord(global_tensors), ConfigRecord(dict(proposal)), grid
+        )
+        replies = grid.send_and_receive(messages, timeout=run.round_timeout)
+        accepted, outcomes = screen(replies, global_tensors, run.max_update_norm)
+        if len(accepted) >= run.min_train_nodes:
+            arrays, _ = strategy.aggregate_train(server_round, accepted)
+            if arrays is not None:
+                global_tensors = {k: v.to(global_tensors[k].dtype) for k, v in arrays.to_torch_state_dict().items()}
+        else:
+            log.warning(
+                "round %d: %d valid updates < min-train-nodes %d; global model unchanged",
+                server_round,
+                len(accepted),
+                run.min_train_nodes,
+            )
+        for outcome in outcomes:
+            if "epsilon" in outcome.metrics:
+                site_epsilon[outcome.site_id] = outcome.metrics["epsilon"]
+            if outcome.status != "trained":
+                log.warning(
+                    "round %d: %s %s: %s", server_round, outcome.site_id, outcome.status, "; ".join(outcome.notes)
+                )
+        info = {"strategy": run.strategy, "site_epsilon": site_epsilon, "run_config": run.to_flower()}
+        save_checkpoint(run_dir, Checkpoint(server_round, global_tensors, _strategy_state(strategy), info))
+        record = {
+            "round": server_round,
+            "wall_s": round(time.time() - start, 2),
+            "accepted": len(accepted),
+            "sites": {o.site_id: {"status": o.status, **o.metrics, "notes": o.notes} for o in outcomes},
+        }
+        with open(run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        summary = ", ".join(
+            f"{o.site_id} {o.status} loss {o.metrics.get('loss', float('nan')):.4f} ε {o.metrics.get('epsilon', float('nan')):.2f}"
+            for o in outcomes
+        )
+        print(
+            f"[fedmri] round {server_round}/{run.num_server_rounds} ({record['wall_s']:.0f} s): {summary}", flush=True
+        )
+    return global_tensors
+
+
+def save_final_model(run: RunConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    """The base model carrying the federated tensors (LoRA merged), as a diffusers directory."""
+    from common.finetune import load_trainable, merge_lora
+    from common.model import save_ldm
+
+    ldm = base_ldm(run)
+    load_trainable(ldm.denoiser, tensors)
+    merge_lora(ldm.denoiser)
+    out = Path(run.run_dir) / "model"
+    save_ldm(ldm, out)
+    return out

@@ -1,0 +1,38 @@
+"""PNG plots of a run's metrics.jsonl: loss and cumulative ε per site per round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write run_dir/loss.png and run_dir/epsilon.png; returns their paths."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    sites = sorted({site for r in records for site in r["sites"]})
+    written = []
+    for key, label, name in (
+        ("loss", "training loss", "loss.png"),
+        ("epsilon", "cumulative ε (site's accountant)", "epsilon.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for site in sites:
+            points = [
+                (r["round"], r["sites"][site][key]) for r in records if site in r["sites"] and key in r["sites"][site]
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=site)
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(run_dir / name)
+    return written

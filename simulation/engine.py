@@ -1,0 +1,57 @@
+"""Run the fedmri Flower App on Flower's Simulation Engine: one virtual SuperNode per site YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.run_config import RunConfig
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml: the Flower App
+
+
+def run_simulation(run: RunConfig, num_sites: int, cpus_per_client: float = 1.0) -> None:
+    """Start the Simulation Engine (Ray) with the same ServerApp and ClientApp as deployment.
+
+    The run config is fused exactly as `flwr run . --run-config ...` fuses it: the defaults in
+    [tool.flwr.app.config] of pyproject.toml, overridden by `run`. Virtual SuperNode i gets
+    node_config partition-id = i, which the ClientApp maps to the i-th YAML in run.sites.
+    flwr's public run_simulation() takes no run config, so this calls its internal runner
+    (flwr is pinned to 1.41.0 in pyproject.toml).
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    overrides = run.to_flower()
+    fused = get_fused_config_from_dir(PROJECT_DIR, overrides)
+    RunConfig.from_flower(dict(fused))  # fail here, not inside Ray, on a bad key
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    flower_run = Run.create_empty(run_id=run_id)
+    flower_run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    flower_run.federation_id = NOOP_FEDERATION_ID
+    flower_run.override_config = overrides
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
+    _run_simulation(
+        num_supernodes=num_sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_config={
+            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(1, int(num_sites * cpus_per_client))},
+        },
+        server_app_context=context,
+        app_dir=str(PROJECT_DIR),
+        run=flower_run,
+        is_app=True,  # clients fuse the run config from app_dir, as under `flwr run`
+    )
