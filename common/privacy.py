@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 ACCOUNTANTS = ("prv", "rdp", "pld")
+PRV_RDP_CUTOFF = 64.0  # above this RDP ε, "prv" reports the (larger) RDP value
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ def epsilon(segments: Sequence[Segment], delta: float, accountant: str = "prv") 
     if any(s.noise_multiplier == 0.0 for s in active):
         return math.inf
     if accountant == "prv":
-        return _epsilon_opacus(active, delta, "prv")
+        # PRV's discretisation grows with ε and runs out of memory far outside any useful budget
+        # (ε in the hundreds). There the RDP bound, which is never below PRV's, is returned instead.
+        rdp = _epsilon_opacus(active, delta, "rdp")
+        return rdp if rdp > PRV_RDP_CUTOFF else _epsilon_opacus(active, delta, "prv")
     if accountant == "rdp":
         return _epsilon_opacus(active, delta, "rdp")
     if accountant == "pld":

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/fedmri sites make --scenario demo --no-public --out runs/demo/sites "$@"
+.venv/bin/fedmri demo --out runs/demo "$@"

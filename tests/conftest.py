@@ -16,3 +16,24 @@ def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-sites")
     make_scenario_sites(scenarios.create("tiny").all_sites, out, workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory, tiny_sites: Path) -> Path:
+    """A tiny base LDM (64x64 input, ~0.1M-parameter UNet) pretrained for a few steps on tiny-public."""
+    import numpy as np
+
+    from common.conditions import CONDITION_VECTOR
+    from common.model import ModelSpec
+    from common.pretrain import PretrainConfig, pretrain, slice_table
+    from sites.bids import read_site
+
+    data = read_site(tiny_sites / "tiny-public", image_size=64)
+    conditions = np.stack([getattr(data, name) for name in CONDITION_VECTOR], 1)
+    out = tmp_path_factory.mktemp("tiny-base")
+    spec = ModelSpec(
+        vae_channels=(8, 8, 8), unet_channels=(16, 32), condition_dim=16, attention_head_dim=8, norm_groups=8
+    )
+    cfg = PretrainConfig(vae_steps=5, unet_steps=5, batch_size=4)
+    pretrain(slice_table(data.images, conditions), out, cfg, spec=spec, command="tests/conftest.py tiny_base")
+    return out

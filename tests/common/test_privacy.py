@@ -1,0 +1,63 @@
+"""Privacy math: properties of composition, calibration, and agreement with dp-accounting's PLD."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.privacy import Segment, calibrate_noise, default_delta, epsilon
+
+RATES = st.floats(min_value=0.01, max_value=0.5)
+SIGMAS = st.floats(min_value=0.6, max_value=3.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(q=RATES, sigma=SIGMAS, steps=st.integers(1, 200), more=st.integers(1, 200))
+def test_epsilon_never_drops_when_steps_are_added(q: float, sigma: float, steps: int, more: int) -> None:
+    base = [Segment(q, sigma, steps)]
+    assert epsilon(base, 1e-5, "rdp") <= epsilon([*base, Segment(q, sigma, more)], 1e-5, "rdp")
+    assert epsilon(base, 1e-5, "pld") <= epsilon([*base, Segment(q, sigma, more)], 1e-5, "pld") + 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(q=RATES, low=SIGMAS, high=SIGMAS, steps=st.integers(1, 200))
+def test_more_noise_never_costs_more(q: float, low: float, high: float, steps: int) -> None:
+    low, high = sorted((low, high))
+    assert epsilon([Segment(q, high, steps)], 1e-5, "rdp") <= epsilon([Segment(q, low, steps)], 1e-5, "rdp")
+
+
+@settings(max_examples=4, deadline=None)
+@given(q=st.floats(0.05, 0.3), steps=st.integers(10, 100), target=st.floats(2.0, 10.0))
+def test_calibrated_sigma_meets_its_target(q: float, steps: int, target: float) -> None:
+    sigma = calibrate_noise([], q, steps, 1e-5, target, min_noise_multiplier=0.3)
+    assert sigma is not None
+    assert epsilon([Segment(q, sigma, steps)], 1e-5, "prv") <= target
+    if sigma > 0.3 * 1.05:  # not at the floor: a little less noise would overshoot
+        assert epsilon([Segment(q, sigma / 1.05, steps)], 1e-5, "prv") > target
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        [Segment(0.133, 1.0, 60)],
+        [Segment(0.2, 1.2, 20)] * 3,
+        [Segment(0.1, 0.9, 40), Segment(0.1, 1.4, 40)],
+        [Segment(0.05, 0.8, 500)],
+    ],
+)
+def test_prv_is_never_below_pld_and_within_five_percent(segments: list[Segment]) -> None:
+    prv, pld = epsilon(segments, 1e-5, "prv"), epsilon(segments, 1e-5, "pld")
+    assert pld <= prv <= 1.05 * pld
+    assert epsilon(segments, 1e-5, "rdp") >= prv  # RDP is the conservative cross-check
+
+
+def test_edge_cases() -> None:
+    assert epsilon([], 1e-5) == 0.0
+    assert epsilon([Segment(0.1, 0.0, 5)], 1e-5) == math.inf
+    assert calibrate_noise([Segment(0.5, 0.5, 1000)], 0.5, 10, 1e-5, 1.0) is None
+    assert default_delta(100) == 1e-5 and default_delta(100_000) == 1e-6
+    with pytest.raises(ValueError, match="sample_rate"):
+        Segment(1.5, 1.0, 1)
