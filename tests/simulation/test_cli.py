@@ -40,7 +40,21 @@ def test_generate_writes_nifti_json_and_grid(tiny_base: Path, tmp_path: Path) ->
     import nibabel as nib
 
     out = tmp_path / "gen"
-    args = ["generate", "--model", str(tiny_base), "--prompt", "axial FLAIR, 0.3T, glioma", "-n", "3", "--steps", "3", "--seed", "5", "--out", str(out)]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_base),
+        "--prompt",
+        "axial FLAIR, 0.3T, glioma",
+        "-n",
+        "3",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     volume = nib.load(out / "samples.nii.gz")
@@ -49,8 +63,24 @@ def test_generate_writes_nifti_json_and_grid(tiny_base: Path, tmp_path: Path) ->
     assert [r["modality"] for r in records] == ["FLAIR"] * 3 and records[0]["pathology"] == "glioma"
     assert {"modality", "pathology", "field_strength", "prompt", "seed", "guidance_scale"} <= set(records[0])
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
-    grid = runner.invoke(app, ["generate", "--model", str(tiny_base), "--grid", "--field", "0.3", "--steps", "2", "--out", str(tmp_path / "grid")])
+    grid = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_base),
+            "--grid",
+            "--field",
+            "0.3",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "grid"),
+        ],
+    )
     assert grid.exit_code == 0, grid.output
     assert nib.load(tmp_path / "grid" / "samples.nii.gz").shape[-1] == 5 * 4  # modalities x pathologies
-    bad = runner.invoke(app, ["generate", "--model", str(tiny_base), "--prompt", "FLAIR banana", "--out", str(tmp_path / "bad")])
+    bad = runner.invoke(
+        app, ["generate", "--model", str(tiny_base), "--prompt", "FLAIR banana", "--out", str(tmp_path / "bad")]
+    )
     assert bad.exit_code == 2 and "unknown words" in bad.output
