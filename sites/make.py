@@ -83,6 +83,15 @@ def make_site(
     return True
 
 
+def _single_threaded() -> None:
+    """Forked workers run torch on one thread: a fork after the parent used OpenMP deadlocks
+    in the child's first parallel region (libgomp is not fork-safe), and the workers already
+    share the cores between them."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _make_subject(root: Path, spec: SyntheticSpec, index: int) -> dict:
     return _write_subject(root, spec, synthesize_subject(spec, index))
 
@@ -96,7 +105,7 @@ def _generate(root: Path, spec: SyntheticSpec, workers: int) -> Iterator[dict]:
         return
     load_anatomy()  # build once in the parent; forked workers share it copy-on-write
     ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_single_threaded) as pool:
         yield from pool.map(_make_subject, [root] * n, [spec] * n, range(n))
 
 

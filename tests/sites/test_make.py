@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from sites import scenarios
 from sites.config import load_site
@@ -85,3 +86,15 @@ def test_make_is_deterministic_and_reuses_unchanged_sites(tmp_path: Path) -> Non
         a = np.asarray(nib.load(tmp_path / "one" / site.site_id / name).dataobj)
         b = np.asarray(nib.load(tmp_path / "two" / site.site_id / name).dataobj)
         assert np.array_equal(a, b)
+
+
+@pytest.mark.timeout(120)
+def test_parallel_make_after_threaded_torch_work_does_not_hang(tmp_path: Path) -> None:
+    # A fork after the parent used OpenMP used to deadlock the workers (libgomp is not fork-safe).
+    import torch
+
+    torch.nn.functional.conv2d(torch.randn(1, 32, 128, 128), torch.randn(8, 32, 3, 3))
+    site = scenarios.create("tiny").hospitals[1]
+    site = dataclasses.replace(site, synthetic=dataclasses.replace(site.synthetic, num_subjects=2, seed=77))
+    assert make_site(site, tmp_path, workers=2)
+    assert (tmp_path / site.site_id / "sub-002" / "anat").is_dir()
