@@ -31,3 +31,26 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
         assert independent <= claimed <= 1.05 * independent
         assert claimed <= 8.0  # the demo sites' max_epsilon
         assert records[-1]["sites"][site]["epsilon"] == claimed
+
+
+def test_resume_continues_after_the_last_completed_round(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
+    import shutil
+
+    sites = tmp_path / "sites"
+    for name in ("tiny-a", "tiny-b"):  # private copies: this test's ledgers start empty
+        shutil.copytree(tiny_sites / name, sites / name)
+        shutil.copy(tiny_sites / f"{name}.yaml", sites / f"{name}.yaml")
+    out = tmp_path / "run"
+    common = ["simulate", "--scenario", "tiny", "--sites", str(sites), "--local-steps", "2", "--batch-size", "2",
+              "--base-model", str(tiny_base), "--out", str(out)]  # fmt: skip
+    first = CliRunner().invoke(app, [*common, "--rounds", "1"])
+    assert first.exit_code == 0, first.output
+    resumed = CliRunner().invoke(app, [*common, "--rounds", "2", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]  # round 1 was not repeated, round 2 was not skipped
+    for site in ("tiny-a", "tiny-b"):
+        ledger = json.loads((sites / ".fedmri-ledger" / f"{site}.json").read_text())
+        trained = [e for e in ledger["entries"] if e["status"] == "trained"]
+        assert [e["server_round"] for e in trained] == [1, 2]  # no double or missing count
+        assert trained[1]["epsilon"] > trained[0]["epsilon"]  # spending continued from the ledger
