@@ -16,7 +16,7 @@ from common.finetune import FinetuneMode, configure, load_trainable, trainable_t
 from common.model import LDM, load_ldm
 from common.privacy import Segment, default_delta, epsilon
 from common.weights import base_model_dir
-from sites.bids import SiteSlices, read_site
+from sites.bids import SiteSlices, read_site_data
 from sites.config import SiteConfig, load_site
 from sites.datasets import SubjectDataset
 
@@ -44,8 +44,7 @@ class SiteReply:
 def site_data(yaml_path: str) -> tuple[SiteConfig, SiteSlices]:
     """The site's config and slices, read once per process (and cached on disk by the reader)."""
     site = load_site(yaml_path)
-    d = site.data
-    return site, read_site(d.bids_root, d.strict, d.image_size, d.fov_mm, d.cache_dir)
+    return site, read_site_data(site)
 
 
 def open_ledger(site: SiteConfig, num_subjects: int) -> Ledger:

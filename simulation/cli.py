@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -26,13 +27,13 @@ console = Console()
 def read_slices(yaml_paths: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:
     """All slices of these sites (images [N, H, W], conditions [N, 7]) and a per-site summary."""
     from common.conditions import CONDITION_VECTOR
-    from sites.bids import read_site
+    from sites.bids import read_site_data
     from sites.config import load_site
 
     images, conditions, summary = [], [], {}
     for path in yaml_paths:
         cfg = load_site(path)
-        data = read_site(cfg.data.bids_root, cfg.data.strict, cfg.data.image_size, cfg.data.fov_mm, cfg.data.cache_dir)
+        data = read_site_data(cfg)
         images.append(data.images)
         conditions.append(np.stack([getattr(data, name) for name in CONDITION_VECTOR], 1))
         summary[cfg.site_id] = data.summary()
@@ -150,7 +151,7 @@ def simulate(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     yaml_paths = make_scenario_sites(hospitals, sites_dir)
-    run = RunConfig(**{**run.__dict__, "sites": ",".join(str(p.resolve()) for p in yaml_paths)})
+    run = dataclasses.replace(run, sites=",".join(str(p.resolve()) for p in yaml_paths))
     console.print(f"simulating {len(yaml_paths)} sites x {rounds} rounds ({mode}, {strategy}) -> {out}")
     start = time.perf_counter()
     run_simulation(run, len(yaml_paths))

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from common.conditions import Modality, Pathology
+from sites.config import SiteConfig
 
 READER_VERSION = 1
 # BIDS suffix -> modality; a T1w carrying a `ce-<agent>` entity is T1ce.
@@ -329,6 +330,12 @@ def read_site(
     if key and cache_dir:
         _save_cache(Path(cache_dir), key, result, index.root)
     return result
+
+
+def read_site_data(site: SiteConfig, progress: Callable[[int, int], None] | None = None) -> SiteSlices:
+    """read_site with the settings of a site's `data:` section."""
+    d = site.data
+    return read_site(d.bids_root, d.strict, d.image_size, d.fov_mm, d.cache_dir, progress=progress)
 
 
 def _cache_key(index: SiteIndex, image_size: int, fov_mm: float) -> str:

@@ -100,7 +100,7 @@ def make(
 
 def summarize(yaml_paths: list[Path]) -> None:
     """Read every site through the client's BIDS reader and print one table."""
-    from sites.bids import SiteDataError, read_site
+    from sites.bids import SiteDataError, read_site_data
 
     table = Table(title="sites, as their clients will read them")
     for column in ("site", "field", "subjects", "pathologies", "modalities (slices)", "skipped"):
@@ -110,13 +110,8 @@ def summarize(yaml_paths: list[Path]) -> None:
             cfg = load_site(path)
             task = progress.add_task(f"reading {cfg.site_id}", total=None)
             try:
-                data = read_site(
-                    cfg.data.bids_root,
-                    cfg.data.strict,
-                    cfg.data.image_size,
-                    cfg.data.fov_mm,
-                    cfg.data.cache_dir,
-                    progress=lambda done, total, t=task: progress.update(t, completed=done, total=total),
+                data = read_site_data(
+                    cfg, progress=lambda done, total, t=task: progress.update(t, completed=done, total=total)
                 )
             except SiteDataError as err:
                 table.add_row(cfg.site_id, "-", "-", "-", "-", f"[red]{err}[/red]")
@@ -142,14 +137,9 @@ def summary(
     paths = [p for item in site_yaml for p in (sorted(item.glob("*.yaml")) if item.is_dir() else [item])]
     try:
         if as_json:
-            from sites.bids import read_site
+            from sites.bids import read_site_data
 
-            out = {}
-            for path in paths:
-                cfg = load_site(path)
-                out[cfg.site_id] = read_site(
-                    cfg.data.bids_root, cfg.data.strict, cfg.data.image_size, cfg.data.fov_mm, cfg.data.cache_dir
-                ).summary()
+            out = {site.site_id: read_site_data(site).summary() for site in map(load_site, paths)}
             print(json.dumps(out, indent=2))
         else:
             summarize(paths)
