@@ -9,6 +9,7 @@ from typing import Any
 from common.finetune import FinetuneMode
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+CLIENT_DP = ("off", "fixed")
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,31 @@ class RunConfig:
     resume: bool = False
     sites: str = ""  # simulation: comma-separated site YAMLs, one per virtual SuperNode (partition-id)
     seed: int = 0
+    # Optional client-level DP at the server (server/client_dp.py); off by default.
+    client_dp: str = "off"  # off | fixed (Flower's server-side fixed-clipping wrapper)
+    client_dp_noise: float = 1.0  # σ of the noise on the mean of clipped site updates, in units of C/n
+    client_dp_clip: float = 1.0  # C: L2 bound on each site's update before averaging
+    client_dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.finetune_mode not in {m.value for m in FinetuneMode}:
             _bad("finetune-mode", self.finetune_mode, [m.value for m in FinetuneMode])
         if self.strategy not in STRATEGIES:
             _bad("strategy", self.strategy, list(STRATEGIES))
+        if self.client_dp not in CLIENT_DP:
+            _bad("client-dp", self.client_dp, list(CLIENT_DP))
+        if self.client_dp != "off":
+            if self.strategy == "fedadam":
+                # Flower adds the noise to the strategy's output; only a plain mean keeps sensitivity C/n.
+                raise ValueError("run config 'client-dp' needs strategy fedavg or fedprox (a plain mean), not fedadam")
+            if not self.client_dp_noise > 0:
+                raise ValueError(
+                    f"run config 'client-dp-noise' must be > 0 with client-dp on, got {self.client_dp_noise}"
+                )
+            if not self.client_dp_clip > 0:
+                raise ValueError(f"run config 'client-dp-clip' must be > 0, got {self.client_dp_clip}")
+            if not 0 < self.client_dp_delta < 1:
+                raise ValueError(f"run config 'client-dp-delta' must lie in (0, 1), got {self.client_dp_delta}")
         for name in ("num_server_rounds", "local_steps", "batch_size", "lora_rank", "min_train_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run config '{name.replace('_', '-')}' must be >= 1, got {getattr(self, name)}")

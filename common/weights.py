@@ -1,17 +1,62 @@
-"""Where the shipped base model lives inside the installed package."""
+"""Where the shipped base model lives.
+
+Normally beside this file. A Flower App bundle (FAB, built by `flwr run`) carries code and JSON
+but no weight files, so a ServerApp or ClientApp started from a FAB finds only the base's
+`provenance.json` here. It then uses the weights of the fedmri installed on that machine, after
+checking every file against the sha256 in that provenance: the same bytes, or an error.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
-BASE_MODEL = Path(__file__).parent / "weights" / "fedmri-base-v1"
+from common.model import sha256_file
+
+NAME = "fedmri-base-v1"
+BASE_MODEL = Path(__file__).parent / "weights" / NAME
+
+log = logging.getLogger("fedmri")
+
+
+def _matches(directory: Path, files: dict[str, str]) -> bool:
+    return all((directory / rel).is_file() and sha256_file(directory / rel) == digest for rel, digest in files.items())
+
+
+def _installed_copy() -> Path | None:
+    """common/weights/NAME of the installed fedmri distribution (editable or not), if any."""
+    try:
+        dist = metadata.distribution("fedmri")
+    except metadata.PackageNotFoundError:
+        return None
+    direct_url = dist.read_text("direct_url.json")
+    if direct_url:
+        info = json.loads(direct_url)
+        if info.get("dir_info", {}).get("editable") and info.get("url", "").startswith("file://"):
+            return Path(unquote(urlparse(info["url"]).path)) / "common" / "weights" / NAME
+    return Path(str(dist.locate_file(f"common/weights/{NAME}")))
 
 
 def base_model_dir() -> Path:
-    """The shipped base model directory; raises FileNotFoundError naming how to rebuild it."""
-    if not (BASE_MODEL / "fedmri.json").exists():
+    """The shipped base model directory; raises FileNotFoundError saying what is missing and how to fix it."""
+    provenance = BASE_MODEL / "provenance.json"
+    if not provenance.exists():
         raise FileNotFoundError(
             f"{BASE_MODEL}: shipped base model missing; rebuild it with "
             "`fedmri pretrain --scenario demo --out DIR --fp16` and pass --model DIR"
         )
-    return BASE_MODEL
+    files = json.loads(provenance.read_text())["files"]
+    if all((BASE_MODEL / rel).is_file() for rel in files):
+        return BASE_MODEL
+    installed = _installed_copy()
+    if installed is not None and installed != BASE_MODEL and _matches(installed, files):
+        log.info("shipped base: weights of the installed fedmri at %s (sha256 match %s)", installed, provenance)
+        return installed
+    raise FileNotFoundError(
+        f"{BASE_MODEL} has the base's provenance but not its weights (a Flower App bundle carries no weight "
+        f"files), and no installed fedmri holds files matching its sha256 ({installed}). Install fedmri on "
+        "this machine, or set run config base-model to a model directory present on every machine."
+    )

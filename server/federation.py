@@ -20,28 +20,36 @@ from common.finetune import configure, parse_mode, trainable_tensors
 from common.model import LDM, load_ldm
 from common.run_config import RunConfig
 from common.weights import base_model_dir
-from server.checkpoint import Checkpoint, load_latest, save_checkpoint
+from server import client_dp
+from server.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
 from server.validation import update_problem
 
 log = logging.getLogger("fedmri.server")
 
 
 def make_strategy(run: RunConfig) -> Strategy:
-    """Flower's own strategy, weighted by each site's number of subjects."""
+    """Flower's own strategy, weighted by each site's number of subjects.
+
+    With client-level DP on, updates are weighted equally (the noise is calibrated to an unweighted
+    mean) and the strategy is wrapped in Flower's DP wrapper (server/client_dp.py).
+    """
     common: dict[str, Any] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 0.0,
         "min_train_nodes": run.min_train_nodes,
         "min_available_nodes": run.min_train_nodes,
-        "weighted_by_key": "num-subjects",
+        "weighted_by_key": "num-subjects" if run.client_dp == "off" else client_dp.WEIGHT_KEY,
     }
+    strategy: Strategy
     if run.strategy == "fedavg":
-        return FedAvg(**common)
-    if run.strategy == "fedprox":
-        return FedProx(proximal_mu=run.proximal_mu, **common)
-    if run.strategy == "fedadam":
-        return FedAdam(eta=run.server_learning_rate, **common)
-    raise ValueError(f"unknown strategy {run.strategy!r}")
+        strategy = FedAvg(**common)
+    elif run.strategy == "fedprox":
+        strategy = FedProx(proximal_mu=run.proximal_mu, **common)
+    elif run.strategy == "fedadam":
+        strategy = FedAdam(eta=run.server_learning_rate, **common)
+    else:
+        raise ValueError(f"unknown strategy {run.strategy!r}")
+    return client_dp.wrap(strategy, run)
 
 
 def base_ldm(run: RunConfig) -> LDM:
@@ -86,6 +94,7 @@ def screen(
 
 
 def _strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
+    strategy = getattr(strategy, "strategy", strategy)  # the strategy inside a DP wrapper
     state = {}
     for name in ("m_t", "v_t"):
         for key, value in (getattr(strategy, name, None) or {}).items():
@@ -94,6 +103,7 @@ def _strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
 
 
 def _restore_strategy(strategy: Strategy, state: dict[str, torch.Tensor]) -> None:
+    strategy = getattr(strategy, "strategy", strategy)
     for name in ("m_t", "v_t"):
         values = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(f"{name}/")}
         if values:
@@ -108,14 +118,23 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
     ldm = base_ldm(run)
     global_tensors = trainable_tensors(ldm.denoiser)
     site_epsilon: dict[str, float] = {}
+    releases = 0  # noisy aggregates released under client-level DP
     first_round = 1
     if run.resume:
         checkpoint = load_latest(run_dir)
         if checkpoint is None:
             log.warning("--resume: no valid checkpoint in %s; starting at round 1", run_dir)
         else:
-            global_tensors, site_epsilon = checkpoint.tensors, dict(checkpoint.info.get("site_epsilon", {}))
+            if set(checkpoint.tensors) != set(global_tensors):
+                raise CheckpointError(
+                    f"--resume: the checkpoint of round {checkpoint.server_round} in {run_dir} holds other tensors "
+                    f"than finetune-mode {run.finetune_mode!r} trains; resume with the run's original settings"
+                )
+            # Keep the model's own key order (a checkpoint file stores keys sorted).
+            global_tensors = {key: checkpoint.tensors[key] for key in global_tensors}
+            site_epsilon = dict(checkpoint.info.get("site_epsilon", {}))
             _restore_strategy(strategy, checkpoint.strategy_state)
+            releases = int((checkpoint.info.get("client_level") or {}).get("releases", 0))
             first_round = checkpoint.server_round + 1
             log.info("resuming after round %d from %s", checkpoint.server_round, run_dir)
 
@@ -138,9 +157,12 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
         replies = grid.send_and_receive(messages, timeout=run.round_timeout)
         accepted, outcomes = screen(replies, global_tensors, run.max_update_norm)
         if len(accepted) >= run.min_train_nodes:
+            if run.client_dp != "off":
+                client_dp.prepare(accepted, list(global_tensors))
             arrays, _ = strategy.aggregate_train(server_round, accepted)
             if arrays is not None:
                 global_tensors = {k: v.to(global_tensors[k].dtype) for k, v in arrays.to_torch_state_dict().items()}
+                releases += 1
         else:
             log.warning(
                 "round %d: %d valid updates < min-train-nodes %d; global model unchanged",
@@ -155,13 +177,21 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
                 log.warning(
                     "round %d: %s %s: %s", server_round, outcome.site_id, outcome.status, "; ".join(outcome.notes)
                 )
-        info = {"strategy": run.strategy, "site_epsilon": site_epsilon, "run_config": run.to_flower()}
+        account = client_dp.start_account(run, releases)
+        client_level = account.to_json() if account else None
+        info = {
+            "strategy": run.strategy,
+            "site_epsilon": site_epsilon,
+            "client_level": client_level,
+            "run_config": run.to_flower(),
+        }
         save_checkpoint(run_dir, Checkpoint(server_round, global_tensors, _strategy_state(strategy), info))
         record = {
             "round": server_round,
             "wall_s": round(time.time() - start, 2),
             "accepted": len(accepted),
             "sites": {o.site_id: {"status": o.status, **o.metrics, "notes": o.notes} for o in outcomes},
+            "client_level": client_level,
         }
         with open(run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -169,6 +199,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
             f"{o.site_id} {o.status} loss {o.metrics.get('loss', float('nan')):.4f} ε {o.metrics.get('epsilon', float('nan')):.2f}"
             for o in outcomes
         )
+        if client_level:
+            summary += f"; client-level ε {client_level['epsilon']:.2f} after {releases} releases"
         print(
             f"[fedmri] round {server_round}/{run.num_server_rounds} ({record['wall_s']:.0f} s): {summary}", flush=True
         )

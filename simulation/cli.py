@@ -126,6 +126,11 @@ def simulate(
     base_model: Annotated[str, typer.Option(help="'shipped' or a model directory.")] = "shipped",
     resume: Annotated[bool, typer.Option(help="Continue from the last valid checkpoint in --out.")] = False,
     min_train_nodes: Annotated[int, typer.Option(help="Sites needed for a round to count.")] = 1,
+    client_dp: Annotated[
+        str, typer.Option(help="Client-level DP at the server: off, or fixed (clip each site's update, add noise).")
+    ] = "off",
+    client_dp_noise: Annotated[float, typer.Option(help="Client-level noise multiplier σ.")] = 1.0,
+    client_dp_clip: Annotated[float, typer.Option(help="Client-level clipping norm C of a site's update.")] = 1.0,
 ) -> None:
     """Simulate the federation on this machine with Flower's Simulation Engine.
 
@@ -145,7 +150,8 @@ def simulate(
         run = RunConfig(
             num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, learning_rate=learning_rate,
             finetune_mode=mode, strategy=strategy, base_model=base_model, resume=resume, min_train_nodes=min_train_nodes,
-            run_dir=str(out.resolve()), sites="",
+            run_dir=str(out.resolve()), sites="", client_dp=client_dp, client_dp_noise=client_dp_noise,
+            client_dp_clip=client_dp_clip,
         )  # fmt: skip
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")

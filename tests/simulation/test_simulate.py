@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from common.privacy import Segment, epsilon
@@ -34,7 +35,10 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
 
 
 def test_resume_continues_after_the_last_completed_round(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
+    """Also runs with client-level DP at the server, whose account must continue across the resume."""
     import shutil
+
+    from server.client_dp import ClientLevelAccount
 
     sites = tmp_path / "sites"
     for name in ("tiny-a", "tiny-b"):  # private copies: this test's ledgers start empty
@@ -42,13 +46,19 @@ def test_resume_continues_after_the_last_completed_round(tiny_sites: Path, tiny_
         shutil.copy(tiny_sites / f"{name}.yaml", sites / f"{name}.yaml")
     out = tmp_path / "run"
     common = ["simulate", "--scenario", "tiny", "--sites", str(sites), "--local-steps", "2", "--batch-size", "2",
-              "--base-model", str(tiny_base), "--out", str(out)]  # fmt: skip
+              "--base-model", str(tiny_base), "--out", str(out), "--min-train-nodes", "2",
+              "--client-dp", "fixed", "--client-dp-noise", "1.5", "--client-dp-clip", "5.0"]  # fmt: skip
     first = CliRunner().invoke(app, [*common, "--rounds", "1"])
     assert first.exit_code == 0, first.output
     resumed = CliRunner().invoke(app, [*common, "--rounds", "2", "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [1, 2]  # round 1 was not repeated, round 2 was not skipped
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]  # round 1 was not repeated, round 2 was not skipped
+    assert [r["client_level"]["releases"] for r in records] == [1, 2]
+    expected = ClientLevelAccount(1.5, 5.0, 2, 2, 1e-5)
+    assert records[-1]["client_level"]["epsilon"] == pytest.approx(expected.epsilon("prv"))
+    assert records[-1]["client_level"]["epsilon_rdp"] == pytest.approx(expected.epsilon("rdp"))
+    assert records[0]["client_level"]["epsilon"] < records[1]["client_level"]["epsilon"]
     for site in ("tiny-a", "tiny-b"):
         ledger = json.loads((sites / ".fedmri-ledger" / f"{site}.json").read_text())
         trained = [e for e in ledger["entries"] if e["status"] == "trained"]
