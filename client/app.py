@@ -63,7 +63,14 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "metrics": MetricRecord(reply.metrics),
-            "reply": ConfigRecord({"site-id": reply.site_id, "status": reply.status, "notes": reply.notes or [""]}),
+            "reply": ConfigRecord(
+                {
+                    "site-id": reply.site_id,
+                    "status": reply.status,
+                    "notes": reply.notes or [""],
+                    "accountant": reply.accountant,
+                }
+            ),
         }
     )
     if reply.tensors is not None:

@@ -21,7 +21,11 @@ from sites.config import SiteConfig, load_site
 from sites.datasets import SubjectDataset
 
 # The only metric keys a site ever sends: scalars about the round, nothing per subject.
-METRIC_KEYS = ("loss", "steps", "num-subjects", "epsilon", "epsilon-rdp", "noise-multiplier", "trained")
+# The privacy parameters (q, σ, C, δ) are public terms of the site's account: the release lists them.
+METRIC_KEYS = (
+    "loss", "steps", "num-subjects", "epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "max-grad-norm",
+    "delta", "trained",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class SiteReply:
     tensors: dict[str, torch.Tensor] | None
     metrics: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    accountant: str = "prv"  # the site's accountant for `epsilon`
 
     def __post_init__(self) -> None:
         unexpected = set(self.metrics) - set(METRIC_KEYS)
@@ -99,9 +104,10 @@ def run_site_round(
             "num-subjects": float(n),
             "epsilon": ledger.epsilon,
             "epsilon-rdp": ledger.epsilon_rdp,
+            "delta": ledger.delta,
             "trained": 0.0,
         }
-        return SiteReply(site.site_id, decision.status, None, metrics, decision.notes)
+        return SiteReply(site.site_id, decision.status, None, metrics, decision.notes, site.privacy.accountant)
 
     plan = decision.plan
     ldm = load_model(base_model, mode, lora_rank, global_tensors)
@@ -119,6 +125,10 @@ def run_site_round(
         "epsilon": eps if math.isfinite(eps) else float("inf"),
         "epsilon-rdp": eps_rdp,
         "noise-multiplier": plan.noise_multiplier,
+        "sample-rate": plan.sample_rate,
+        "max-grad-norm": plan.max_grad_norm,
+        "delta": ledger.delta,
         "trained": 1.0,
     }
-    return SiteReply(site.site_id, "trained", trainable_tensors(ldm.denoiser), metrics, decision.notes)
+    tensors = trainable_tensors(ldm.denoiser)
+    return SiteReply(site.site_id, "trained", tensors, metrics, decision.notes, site.privacy.accountant)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,14 +142,6 @@ def load_ldm(path: Path) -> LDM:
     encoder = ConditionEncoder.from_pretrained(path, subfolder="condition_encoder", torch_dtype=torch.float32)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     return LDM(vae.eval(), Denoiser(unet, encoder), scheduler, settings)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_foreign_base(path: Path, image_size: int = 64) -> tuple[LDM, list[str]]:

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.model import LDM, ModelSpec, build_ldm, save_ldm, sha256_file
+from common.model import LDM, ModelSpec, build_ldm, save_ldm
 from common.objective import EMA, ldm_loss
+from common.release import sha256_file
 
 
 @dataclass(frozen=True)

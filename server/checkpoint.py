@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -12,6 +11,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from common.release import sha256_file
 
 log = logging.getLogger("fedmri.server")
 
@@ -25,7 +26,7 @@ class Checkpoint:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:

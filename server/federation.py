@@ -65,6 +65,7 @@ class SiteOutcome:
     status: str  # trained / declined / refused / rejected / error
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    accountant: str = ""  # the site's accountant for metrics["epsilon"]
 
 
 def screen(
@@ -78,7 +79,11 @@ def screen(
             continue
         info = msg.content["reply"]
         outcome = SiteOutcome(
-            str(info["site-id"]), str(info["status"]), dict(msg.content["metrics"]), [n for n in info["notes"] if n]
+            str(info["site-id"]),
+            str(info["status"]),
+            dict(msg.content["metrics"]),
+            [n for n in info["notes"] if n],
+            str(info.get("accountant", "")),
         )
         if outcome.status == "trained":
             if "arrays" not in msg.content:
@@ -114,6 +119,10 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
     """Run (or resume) the federation; returns the final global trainable tensors."""
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not run.resume and (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run (metrics.jsonl); continue it with --resume or choose a new run directory"
+        )
     strategy = make_strategy(run)
     ldm = base_ldm(run)
     global_tensors = trainable_tensors(ldm.denoiser)
@@ -190,7 +199,10 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
             "round": server_round,
             "wall_s": round(time.time() - start, 2),
             "accepted": len(accepted),
-            "sites": {o.site_id: {"status": o.status, **o.metrics, "notes": o.notes} for o in outcomes},
+            "sites": {
+                o.site_id: {"status": o.status, **o.metrics, "accountant": o.accountant, "notes": o.notes}
+                for o in outcomes
+            },
             "client_level": client_level,
         }
         with open(run_dir / "metrics.jsonl", "a") as handle:

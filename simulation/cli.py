@@ -156,6 +156,9 @@ def simulate(
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
+    if not resume and (out / "metrics.jsonl").exists():
+        console.print(f"[red]error:[/red] {out} already holds a run; continue it with --resume or choose a new --out")
+        raise typer.Exit(2)
     yaml_paths = make_scenario_sites(hospitals, sites_dir)
     run = dataclasses.replace(run, sites=",".join(str(p.resolve()) for p in yaml_paths))
     console.print(f"simulating {len(yaml_paths)} sites x {rounds} rounds ({mode}, {strategy}) -> {out}")
@@ -207,8 +210,15 @@ def generate(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = no guidance).")] = 3.0,
     sampler: Annotated[str, typer.Option(help="'dpm++' (fast) or 'ddpm' (baseline).")] = "dpm++",
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
+    skip_verify: Annotated[
+        bool, typer.Option(help="Load a release without verifying its privacy.json first (says so).")
+    ] = False,
 ) -> None:
-    """Generate brain MRI slices from a prompt, or a modality x pathology grid (`--grid`)."""
+    """Generate brain MRI slices from a prompt, or a modality x pathology grid (`--grid`).
+
+    A release (a directory with privacy.json) is verified before it is loaded, as by
+    `fedmri verify`; generation stops if verification fails.
+    """
     import time
 
     from rich.progress import Progress
@@ -231,6 +241,8 @@ def generate(
             requests, shape = [Request(parse_prompt(prompt), prompt)] * n, None
         else:
             raise ValueError("give --prompt TEXT or --grid")
+        if model is not None:
+            _check_before_loading(model, skip_verify)
         ldm = load_ldm(model or base_model_dir())
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -260,13 +272,17 @@ def demo(
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
     local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.")] = 20,
 ) -> None:
-    """The main job: demo hospitals -> federated DP fine-tuning of the shipped base -> grid.
+    """The main job: demo hospitals -> federated DP fine-tuning -> release -> verify -> grid.
 
     Makes the three demo hospitals, fine-tunes the shipped base across them with patient-level
-    DP-SGD (each site: ε ≤ 8, δ ≤ 1e-5), and generates a modality x pathology grid at 0.3 T,
-    which includes combinations no site holds (e.g. FLAIR with glioma at 0.3 T).
+    DP-SGD (each site: ε ≤ 8, δ ≤ 1e-5), packages the result as a privacy-accounted release,
+    verifies it independently, and generates a modality x pathology grid at 0.3 T from the
+    verified release, which includes combinations no site holds (e.g. FLAIR with glioma at 0.3 T).
+    Each demo starts a fresh federation: it removes its previous run, release and the synthetic
+    sites' ledgers under --out, and says so.
     """
     import json
+    import shutil
     import time
 
     from rich.table import Table
@@ -275,23 +291,111 @@ def demo(
     from sites.cli import make_scenario_sites
 
     start = time.perf_counter()
-    sites_dir, run_dir, grid_dir = out / "sites", out / "federation", out / "grid-0.3T"
+    sites_dir, run_dir, release_dir = out / "sites", out / "federation", out / "release"
+    grid_dir = out / "grid-0.3T"
+    for stale in (run_dir, release_dir, grid_dir, sites_dir / ".fedmri-ledger"):
+        if stale.exists():
+            console.print(f"demo: starting fresh, removing the previous demo's {stale}")
+            shutil.rmtree(stale)
     make_scenario_sites(scenarios.create("demo").hospitals, sites_dir)
     simulate(out=run_dir, scenario="demo", sites_dir=sites_dir, rounds=rounds, local_steps=local_steps, batch_size=16,
-             learning_rate=1e-4, mode="attention", strategy="fedavg", base_model="shipped", resume=False, min_train_nodes=1)  # fmt: skip
-    generate(out=grid_dir, model=run_dir / "model", prompt=None, n=0, grid=True, field_strength=0.3, modalities=None,
-             pathologies=None, steps=25, guidance=3.0, sampler="dpm++", seed=0)  # fmt: skip
+             learning_rate=1e-4, mode="attention", strategy="fedavg", base_model="shipped", resume=False,
+             min_train_nodes=1, client_dp="off", client_dp_noise=1.0, client_dp_clip=1.0)  # fmt: skip
+    release(run_dir=run_dir, out=release_dir)
+    verify(release_dir=release_dir)
+    generate(out=grid_dir, model=release_dir, prompt=None, n=0, grid=True, field_strength=0.3, modalities=None,
+             pathologies=None, steps=25, guidance=3.0, sampler="dpm++", seed=0, skip_verify=False)  # fmt: skip
+    manifest = json.loads((release_dir / "privacy.json").read_text())
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    table = Table(title=f"fedmri demo: {rounds} rounds in {time.perf_counter() - start:.0f} s")
-    for column in ("site", "status", "ε (PRV)", "ε (RDP)", "δ", "last loss"):
+    table = Table(title=f"fedmri demo: {last['round']} rounds in {time.perf_counter() - start:.0f} s")
+    for column in ("site", "subjects", "ε (PRV)", "ε (RDP)", "δ", "DP steps", "last loss"):
         table.add_column(column)
-    for site_id, info in sorted(last["sites"].items()):
-        ledger = json.loads((sites_dir / ".fedmri-ledger" / f"{site_id}.json").read_text())
-        table.add_row(site_id, info["status"], f"{info.get('epsilon', float('nan')):.2f}", f"{info.get('epsilon-rdp', float('nan')):.2f}",
-                      f"{ledger['delta']:.1e}", f"{info.get('loss', float('nan')):.4f}")  # fmt: skip
+    for site in manifest["sites"]:
+        steps = sum(s["steps"] for s in site["segments"])
+        loss = last["sites"].get(site["site_id"], {}).get("loss", float("nan"))
+        table.add_row(site["site_id"], str(site["num_subjects"]), f"{site['epsilon']:.2f}", f"{site['epsilon_rdp']:.2f}",
+                      f"{site['delta']:.0e}", str(steps), f"{loss:.4f}")  # fmt: skip
     console.print(table)
-    console.print(f"model: {run_dir / 'model'}\ngrid (0.3 T, every modality x pathology): {grid_dir / 'grid.png'}")
+    console.print(f"release (verified): {release_dir}  (model card: {release_dir / 'README.md'})")
+    console.print(f"grid (0.3 T, every modality x pathology, from the release): {grid_dir / 'grid.png'}")
     console.print(f"plots: {run_dir / 'loss.png'}, {run_dir / 'epsilon.png'}\nsites and contact sheets: {sites_dir}")
+
+
+def _check_before_loading(model: Path, skip_verify: bool) -> None:
+    """Verify a release before anything of it is loaded; say plainly when no check happens."""
+    from common.release import MANIFEST, ReleaseError, verify_release
+
+    if not (model / MANIFEST).exists():
+        console.print(f"[yellow]note:[/yellow] {model} is not a release (no {MANIFEST}): no privacy account to verify")
+        return
+    if skip_verify:
+        console.print(f"[yellow]warning:[/yellow] --skip-verify: {model} is loaded WITHOUT checking its privacy.json")
+        return
+    try:
+        checked = verify_release(model)
+    except ReleaseError as err:
+        console.print(f"[red]error:[/red] {err}\nrefusing to load an unverified release (--skip-verify overrides)")
+        raise typer.Exit(1) from None
+    console.print(f"verified {model}: {checked.files} files, {len(checked.sites)} site accounts")
+
+
+@app.command()
+def release(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (fedmri simulate --out, or run-dir).")],
+    out: Annotated[Path, typer.Option(help="New release directory.")],
+) -> None:
+    """Package a finished federation as a privacy-accounted release.
+
+    Writes a diffusers directory (vae/, unet/, condition_encoder/, scheduler/, safetensors only),
+    privacy.json (every site's DP-SGD segments, ε, δ, and the sha256 of every file) and a
+    README.md model card. Then check it with `fedmri verify OUT`.
+    """
+    from server.checkpoint import CheckpointError
+    from server.release import RunDirError, build_release
+
+    try:
+        _, manifest = build_release(run_dir, out)
+    except (RunDirError, CheckpointError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    for site in manifest["sites"]:
+        console.print(
+            f"  {site['site_id']}: ε = {site['epsilon']:.2f} at δ = {site['delta']:.1e} ({site['accountant']})"
+        )
+    console.print(
+        f"release: {out} ({len(manifest['files'])} files + privacy.json); check it with `fedmri verify {out}`"
+    )
+
+
+@app.command()
+def verify(
+    release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="A release directory.")],
+) -> None:
+    """Check a release without trusting fedmri's training code.
+
+    Rehashes every file against privacy.json (a changed, missing or extra file fails) and
+    recomputes every site's ε from its segments with Google's dp-accounting (PLD for a PRV
+    claim, dp-accounting's RDP for an RDP claim). A claimed ε below the recomputation, or more
+    than 5% above it, fails. Exit code 0 only if everything checks.
+    """
+    from rich.table import Table
+
+    from common.release import ReleaseError, verify_release
+
+    try:
+        checked = verify_release(release_dir)
+    except ReleaseError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    table = Table(title=f"{checked.files} files match privacy.json; ε recomputed with dp-accounting")
+    for column in ("site", "N", "δ", "steps", "ε claimed", "ε recomputed", "by"):
+        table.add_column(column, no_wrap=True)
+    for c in [*checked.sites, *([checked.client_level] if checked.client_level else [])]:
+        table.add_row(c.site_id, str(c.num_subjects), f"{c.delta:.0e}", str(c.steps), f"{c.claimed:.3f}",
+                      f"{c.recomputed:.3f}", "RDP" if c.accountant == "rdp" else "PLD")  # fmt: skip
+    console.print(table)
+    console.print(f"base model: {checked.base_model.get('name')} (sha256 {checked.base_model.get('sha256', '')[:16]}…)")
+    console.print("[green]verified[/green]")
 
 
 @app.command()

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from common.conditions import Conditions, Modality
-from common.model import load_ldm, sha256_file
+from common.model import load_ldm
 from common.prompts import conditions_to_vector
+from common.release import sha256_file
 from common.sampling import sample
 from common.weights import base_model_dir
 

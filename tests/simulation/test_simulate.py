@@ -33,6 +33,26 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
         assert claimed <= 8.0  # the demo sites' max_epsilon
         assert records[-1]["sites"][site]["epsilon"] == claimed
 
+    # The run becomes a release that verifies, whose account is the ledgers' account.
+    release = tmp_path / "release"
+    packaged = CliRunner().invoke(app, ["release", str(out), "--out", str(release)])
+    assert packaged.exit_code == 0, packaged.output
+    checked = CliRunner().invoke(app, ["verify", str(release)])
+    assert checked.exit_code == 0, checked.output
+    manifest = json.loads((release / "privacy.json").read_text())
+    for site in manifest["sites"]:
+        ledger = json.loads((tiny_sites / ".fedmri-ledger" / f"{site['site_id']}.json").read_text())
+        assert site["segments"] == [e["segment"] for e in ledger["entries"] if e["segment"]]
+        assert site["epsilon"] == pytest.approx(ledger["entries"][-1]["epsilon"])
+        assert site["delta"] == ledger["delta"] and site["num_subjects"] == ledger["num_subjects"]
+    card = (release / "README.md").read_text()
+    assert "any one patient of tiny-a changes the probability of any outcome" in card
+    assert "synthetic hospital, 3 T" in card  # the declared coverage, read from the site YAML
+    again = CliRunner().invoke(app, ["release", str(out), "--out", str(release)])
+    assert again.exit_code == 2 and "not empty" in again.output
+    rerun = CliRunner().invoke(app, args)
+    assert rerun.exit_code == 2 and "already holds a run" in rerun.output
+
 
 def test_resume_continues_after_the_last_completed_round(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
     """Also runs with client-level DP at the server, whose account must continue across the resume."""

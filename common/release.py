@@ -1,0 +1,246 @@
+"""The release format: a diffusers directory plus `privacy.json`, and its independent verification.
+
+`privacy.json` (format_version 1) states, for every site, the DP-SGD segments that produced the
+released weights and the ε they compose to, and the sha256 of every other file in the release.
+`verify_release` trusts none of the claimed numbers: it rehashes every file and recomputes every
+ε with Google's `dp-accounting`, independently of the Opacus accountants used in training
+(PLD for a PRV or PLD claim; dp-accounting's RDP for an RDP claim).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "privacy.json"
+TOLERANCE_ABOVE = 0.05  # a claimed ε may exceed the recomputation by at most 5 %
+TOLERANCE_BELOW = 1e-3  # ... and lie below it only by the PLD's own discretisation (0.1 %)
+
+SITE_KEYS = (
+    "site_id", "num_subjects", "delta", "max_grad_norm", "segments", "accountant", "epsilon", "epsilon_rdp",
+)  # fmt: skip
+TOP_KEYS = ("format_version", "privacy_unit", "sites", "client_level", "epsilon_max", "base_model", "files")
+SEGMENT_KEYS = ("sample_rate", "noise_multiplier", "steps")
+
+
+class ReleaseError(Exception):
+    """A release that fails verification; `problems` lists every cause found."""
+
+    def __init__(self, release: Path, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{release}: verification FAILED\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (POSIX relative paths), except the manifest itself."""
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() != MANIFEST
+    }
+
+
+def directory_digest(root: Path) -> str:
+    """One sha256 for a model directory: of the sorted lines '<relative path> <sha256>' of its files."""
+    lines = "".join(f"{rel} {digest}\n" for rel, digest in file_hashes(root).items() if rel != "provenance.json")
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SiteAccount:
+    """One site's patient-level account for the released weights."""
+
+    site_id: str
+    num_subjects: int
+    delta: float
+    max_grad_norm: float
+    segments: list[dict[str, float]]  # {"sample_rate", "noise_multiplier", "steps"}
+    accountant: str
+    epsilon: float
+    epsilon_rdp: float
+
+
+def write_manifest(
+    release: Path,
+    sites: Sequence[SiteAccount],
+    client_level: dict[str, Any] | None,
+    base_model: dict[str, str],
+) -> dict[str, Any]:
+    """Write release/privacy.json over the files already in `release`; returns the manifest."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "privacy_unit": "subject",
+        "sites": [{key: getattr(site, key) for key in SITE_KEYS} for site in sites],
+        "client_level": client_level,
+        "epsilon_max": max((site.epsilon for site in sites), default=0.0),
+        "base_model": base_model,
+        "files": file_hashes(release),
+    }
+    (release / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def independent_epsilon(segments: Sequence[dict[str, float]], delta: float, accountant: str) -> float:
+    """ε recomputed with dp-accounting (no Opacus): PLD for prv/pld claims, RDP for rdp claims."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    active = [s for s in segments if s["steps"] > 0]
+    if not active:
+        return 0.0
+    if any(s["noise_multiplier"] == 0 for s in active):
+        return math.inf
+    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP logs each order it skips as a warning
+    acc: Any = rdp_privacy_accountant.RdpAccountant() if accountant == "rdp" else pld_privacy_accountant.PLDAccountant()
+    for s in active:
+        step = dp_event.PoissonSampledDpEvent(s["sample_rate"], dp_event.GaussianDpEvent(s["noise_multiplier"]))
+        acc.compose(dp_event.SelfComposedDpEvent(step, int(s["steps"])))
+    return float(acc.get_epsilon(delta))
+
+
+@dataclass
+class SiteCheck:
+    site_id: str
+    num_subjects: int
+    delta: float
+    claimed: float
+    recomputed: float
+    accountant: str
+    steps: int
+
+
+@dataclass
+class Verification:
+    sites: list[SiteCheck] = field(default_factory=list)
+    client_level: SiteCheck | None = None
+    files: int = 0
+    base_model: dict[str, str] = field(default_factory=dict)
+
+
+def _check_epsilon(label: str, claimed: float, recomputed: float, independent: str) -> str | None:
+    if math.isinf(recomputed):
+        return None if math.isinf(claimed) else f"{label}: a segment has noise_multiplier 0, so ε = ∞, not {claimed}"
+    if claimed < recomputed * (1 - TOLERANCE_BELOW):
+        return f"{label}: claimed ε {claimed:.4f} is BELOW the recomputed {recomputed:.4f} ({independent})"
+    if claimed > recomputed * (1 + TOLERANCE_ABOVE):
+        return f"{label}: claimed ε {claimed:.4f} is more than 5% above the recomputed {recomputed:.4f} ({independent})"
+    return None
+
+
+def _schema_problems(manifest: Any) -> list[str]:
+    if not isinstance(manifest, dict):
+        return ["privacy.json: not a JSON object"]
+    problems = [f"privacy.json: missing key '{k}'" for k in TOP_KEYS if k not in manifest]
+    problems += [f"privacy.json: unknown key '{k}'" for k in manifest if k not in TOP_KEYS]
+    if problems:
+        return problems
+    if manifest["format_version"] != FORMAT_VERSION:
+        problems.append(f"privacy.json: format_version {manifest['format_version']!r}, expected {FORMAT_VERSION}")
+    if manifest["privacy_unit"] != "subject":
+        problems.append(f"privacy.json: privacy_unit {manifest['privacy_unit']!r}, expected 'subject'")
+    if not isinstance(manifest["files"], dict) or not all(isinstance(v, str) for v in manifest["files"].values()):
+        problems.append("privacy.json: 'files' must map relative paths to sha256 strings")
+    if not isinstance(manifest["sites"], list) or not manifest["sites"]:
+        return [*problems, "privacy.json: 'sites' must be a non-empty list"]
+    for i, site in enumerate(manifest["sites"]):
+        where = f"privacy.json: sites[{i}]"
+        if not isinstance(site, dict) or set(site) != set(SITE_KEYS):
+            problems.append(f"{where}: keys must be exactly {', '.join(SITE_KEYS)}")
+            continue
+        numbers = ("num_subjects", "delta", "max_grad_norm", "epsilon", "epsilon_rdp")
+        for key in numbers:
+            if isinstance(site[key], bool) or not isinstance(site[key], int | float):
+                problems.append(f"{where}.{key}: not a number ({site[key]!r})")
+        if not problems and not 0 < site["delta"] < 1:
+            problems.append(f"{where}.delta: {site['delta']} is not in (0, 1)")
+        if site["accountant"] not in ("prv", "rdp", "pld"):
+            problems.append(f"{where}.accountant: {site['accountant']!r} is not prv, rdp or pld")
+        if not isinstance(site["segments"], list):
+            problems.append(f"{where}.segments: not a list")
+            continue
+        for j, seg in enumerate(site["segments"]):
+            if not isinstance(seg, dict) or set(seg) != set(SEGMENT_KEYS):
+                problems.append(f"{where}.segments[{j}]: keys must be exactly {', '.join(SEGMENT_KEYS)}")
+            elif not (0 < seg["sample_rate"] <= 1 and seg["noise_multiplier"] >= 0 and seg["steps"] >= 0):
+                problems.append(f"{where}.segments[{j}]: values out of range {seg}")
+    return problems
+
+
+def verify_release(release: Path) -> Verification:
+    """Check files and every ε; raises ReleaseError listing every problem found."""
+    path = release / MANIFEST
+    if not path.is_file():
+        raise ReleaseError(release, [f"no {MANIFEST}: not a fedmri release"])
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReleaseError(release, [f"privacy.json is not valid JSON ({err})"]) from None
+    problems = _schema_problems(manifest)
+    if problems:
+        raise ReleaseError(release, problems)
+
+    actual, claimed_files = file_hashes(release), manifest["files"]
+    problems += [f"missing file: {rel}" for rel in sorted(set(claimed_files) - set(actual))]
+    problems += [f"extra file not in the manifest: {rel}" for rel in sorted(set(actual) - set(claimed_files))]
+    problems += [
+        f"changed file (sha256 mismatch): {rel}"
+        for rel in sorted(set(actual) & set(claimed_files))
+        if actual[rel] != claimed_files[rel]
+    ]
+
+    result = Verification(files=len(actual), base_model=dict(manifest["base_model"] or {}))
+    for site in manifest["sites"]:
+        independent = "dp-accounting RDP" if site["accountant"] == "rdp" else "dp-accounting PLD"
+        recomputed = independent_epsilon(site["segments"], site["delta"], site["accountant"])
+        label = f"site {site['site_id']}"
+        problems += [p for p in [_check_epsilon(label, site["epsilon"], recomputed, independent)] if p]
+        if not math.isinf(recomputed) and site["epsilon_rdp"] < recomputed * (1 - TOLERANCE_BELOW):
+            problems.append(f"{label}: epsilon_rdp {site['epsilon_rdp']:.4f} is below the recomputed {recomputed:.4f}")
+        if site["delta"] >= 1 / site["num_subjects"]:
+            problems.append(f"{label}: delta {site['delta']} >= 1/num_subjects gives no meaningful guarantee")
+        steps = int(sum(s["steps"] for s in site["segments"]))
+        result.sites.append(
+            SiteCheck(
+                site["site_id"],
+                site["num_subjects"],
+                site["delta"],
+                site["epsilon"],
+                recomputed,
+                site["accountant"],
+                steps,
+            )
+        )
+    if manifest["epsilon_max"] != max(s["epsilon"] for s in manifest["sites"]):
+        problems.append(f"epsilon_max {manifest['epsilon_max']} is not the largest site ε")
+
+    client = manifest["client_level"]
+    if client is not None:
+        try:
+            recomputed = independent_epsilon(client["segments"], client["delta"], "pld")
+            message = _check_epsilon("client level", client["epsilon"], recomputed, "dp-accounting PLD")
+            problems += [message] if message else []
+            steps = int(sum(s["steps"] for s in client["segments"]))
+            result.client_level = SiteCheck(
+                "client level", client["num_clients"], client["delta"], client["epsilon"], recomputed, "prv", steps
+            )
+        except (KeyError, TypeError) as err:
+            problems.append(f"privacy.json: client_level is malformed ({err!r})")
+    if problems:
+        raise ReleaseError(release, problems)
+    return result
