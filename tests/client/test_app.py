@@ -70,8 +70,8 @@ def test_reply_carries_only_trainable_tensors_and_whitelisted_scalars(
     assert not any(t.shape[-2:] == (64, 64) for t in sent.values())  # nothing image-shaped
     assert set(content["metrics"]) <= set(site_round.METRIC_KEYS)
     assert all(isinstance(v, float) for v in content["metrics"].values())  # scalars, no per-subject lists
-    assert set(content["reply"]) == {"site-id", "status", "notes"}
-    assert content["reply"]["status"] == "trained"
+    assert set(content["reply"]) == {"site-id", "status", "notes", "accountant"}
+    assert content["reply"]["status"] == "trained" and content["reply"]["accountant"] == "rdp"
 
 
 def test_ledger_is_written_and_continues_after_a_restart(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:

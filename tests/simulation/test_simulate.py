@@ -49,9 +49,9 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
     assert "any one patient of tiny-a changes the probability of any outcome" in card
     assert "synthetic hospital, 3 T" in card  # the declared coverage, read from the site YAML
     again = CliRunner().invoke(app, ["release", str(out), "--out", str(release)])
-    assert again.exit_code == 2 and "not empty" in again.output
+    assert again.exit_code == 2 and "not empty" in " ".join(again.output.split())
     rerun = CliRunner().invoke(app, args)
-    assert rerun.exit_code == 2 and "already holds a run" in rerun.output
+    assert rerun.exit_code == 2 and "already holds a run" in " ".join(rerun.output.split())
 
 
 def test_resume_continues_after_the_last_completed_round(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
