@@ -398,6 +398,127 @@ def verify(
     console.print("[green]verified[/green]")
 
 
+server_app = typer.Typer(help="The consortium's SuperLink (Flower Deployment Engine).", no_args_is_help=True)
+node_app = typer.Typer(help="A hospital's SuperNode (Flower Deployment Engine).", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+app.add_typer(node_app, name="node")
+
+
+def _exec(command: list[str], env: dict[str, str]) -> None:
+    """Print the exact Flower command, then run it in the foreground and pass on its exit code."""
+    import subprocess
+
+    from server.deploy import shown
+
+    console.print(f"[bold]running:[/bold] {shown(command)}", soft_wrap=True)
+    try:
+        code = subprocess.call(command, env=env)
+    except FileNotFoundError:
+        console.print(f"[red]error:[/red] {command[0]} not found; install fedmri (it brings flwr) in this environment")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="New folder for ca.crt, superlink.crt/.key and nodes/<site>.key/.pub.")],
+    site: Annotated[list[str], typer.Option(help="A site id that gets a node key pair (repeat).")],
+    host: Annotated[list[str], typer.Option(help="Host name or IP the SuperLink is reached at (repeat).")] = [
+        "127.0.0.1",
+        "localhost",
+    ],  # noqa: B006
+    days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
+) -> None:
+    """Create the consortium CA, the SuperLink's TLS certificate and one authentication key per site.
+
+    Give each hospital ca.crt and its own nodes/<site>.key; keep ca.key offline. Register every
+    nodes/<site>.pub with `fedmri server register`.
+    """
+    from server.certs import make_certs
+
+    try:
+        files = make_certs(out, site, host, days)
+    except (FileExistsError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"CA: {files.ca_cert} (private key {files.ca_key}: keep offline)")
+    console.print(f"SuperLink: {files.superlink_cert}, {files.superlink_key} for {', '.join(host)}")
+    for name, (private, public) in files.node_keys.items():
+        console.print(f"{name}: give the site {private}; register {public}")
+
+
+@server_app.command("start")
+def server_start(
+    certs_dir: Annotated[Path, typer.Option("--certs", help="The folder `fedmri certs` wrote.")],
+    state: Annotated[Path, typer.Option(help="Folder for the SuperLink's database and FLWR_HOME.")] = Path(
+        "runs/superlink"
+    ),
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTPS port for the Fleet and Control APIs.")] = 9092,
+) -> None:
+    """Run flower-superlink with TLS and SuperNode authentication (foreground; Ctrl-C stops it)."""
+    from server.deploy import flower_env, superlink_command
+
+    state.mkdir(parents=True, exist_ok=True)
+    _exec(superlink_command(certs_dir, host, port, state / "state.db"), flower_env(state / "flwr-home"))
+
+
+@server_app.command("register")
+def server_register(
+    public_key: Annotated[Path, typer.Argument(help="A site's nodes/<site>.pub.")],
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the SuperLink.")] = "127.0.0.1:9092",
+    root_cert: Annotated[Path, typer.Option(help="The consortium's ca.crt.")] = Path("certs/ca.crt"),
+    flwr_home: Annotated[Path, typer.Option(help="FLWR_HOME for the flwr CLI.")] = Path("runs/flwr-home"),
+) -> None:
+    """Admit one site's SuperNode by registering its public key (only registered keys may connect)."""
+    from server.deploy import flower_env, register_command, write_flwr_config
+
+    write_flwr_config(flwr_home, superlink, root_cert)
+    _exec(register_command(public_key), flower_env(flwr_home))
+
+
+@node_app.command("start")
+def node_start(
+    site_yaml: Annotated[Path, typer.Option("--site", help="This hospital's site YAML.")],
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the consortium's SuperLink.")],
+    root_cert: Annotated[Path, typer.Option(help="The consortium's ca.crt.")],
+    key: Annotated[Path, typer.Option(help="This site's private key, nodes/<site>.key.")],
+    port: Annotated[int, typer.Option(help="Local port for this node's ClientApp API.")] = 9094,
+    flwr_home: Annotated[Path, typer.Option(help="FLWR_HOME for this node.")] = Path("runs/supernode"),
+) -> None:
+    """Run flower-supernode for this hospital (foreground; Ctrl-C stops it).
+
+    The site YAML is passed as node_config `site-config`; data, cache and ledger stay here.
+    """
+    from server.deploy import flower_env, supernode_command
+    from sites.config import SiteConfigError, load_site
+
+    try:
+        load_site(site_yaml)  # fail here, with the field named, rather than in the first round
+    except (OSError, SiteConfigError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    _exec(supernode_command(site_yaml, superlink, root_cert, key, port), flower_env(flwr_home))
+
+
+@app.command("run")
+def run_federation(
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the consortium's SuperLink.")] = "127.0.0.1:9092",
+    root_cert: Annotated[Path, typer.Option(help="The consortium's ca.crt.")] = Path("certs/ca.crt"),
+    run_config: Annotated[
+        str, typer.Option(help="Overrides, e.g. \"num-server-rounds=3 run-dir='/abs/run'\" (see pyproject.toml).")
+    ] = "",
+    flwr_home: Annotated[Path, typer.Option(help="FLWR_HOME for the flwr CLI.")] = Path("runs/flwr-home"),
+) -> None:
+    """Run the federation on a SuperLink: `flwr run . fedmri --stream` with the SuperLink configured."""
+    from server.deploy import flower_env, run_command, write_flwr_config
+
+    write_flwr_config(flwr_home, superlink, root_cert)
+    _exec(run_command(run_config), flower_env(flwr_home))
+
+
 @app.command()
 def vocabulary() -> None:
     """Print the prompt vocabulary (synonyms for modality, pathology, field strength, timing)."""
