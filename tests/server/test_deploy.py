@@ -112,7 +112,7 @@ def test_tls_federation_with_node_authentication(tiny_sites: Path, tiny_base: Pa
             assert done.returncode == 0, done.stdout + done.stderr
         for site in ("tiny-a", "tiny-b"):
             start(supernode_command(sites / f"{site}.yaml", address, certs.ca_cert, certs.node_keys[site][0], _free_port()), site)  # fmt: skip
-        start(
+        intruder = start(
             supernode_command(sites / "tiny-a.yaml", address, certs.ca_cert, certs.node_keys["intruder"][0], _free_port()),
             "intruder",
         )  # fmt: skip
@@ -129,7 +129,11 @@ def test_tls_federation_with_node_authentication(tiny_sites: Path, tiny_base: Pa
         # The unknown key was refused. Admitted, it would have been sampled too (fraction-train 1.0)
         # and made 3 replies per round; its log shows the refusal.
         intruder_log = (tmp_path / "intruder.log").read_text()
-        assert any(word in intruder_log.lower() for word in ("unauthenticated", "permission", "denied", "not authorized", "401", "403")), intruder_log[-3000:]  # fmt: skip
+        assert "Failed to activate SuperNode" in intruder_log, intruder_log[-3000:]
+        assert intruder.poll() is None or intruder.returncode != 0
+        link_log = (tmp_path / "superlink.log").read_text()
+        assert "No SuperNode found with the given public key" in link_log  # refused by key, not by TLS
+        assert link_log.count("Activated node_id=") == 2
 
         # The federated model becomes a release that verifies.
         release = tmp_path / "release"
