@@ -404,20 +404,30 @@ app.add_typer(server_app, name="server")
 app.add_typer(node_app, name="node")
 
 
-def _exec(command: list[str], env: dict[str, str]) -> None:
-    """Print the exact Flower command, then run it in the foreground and pass on its exit code."""
+def _exec(command: list[str], env: dict[str, str], retries: int = 0) -> None:
+    """Print the exact Flower command, run it in the foreground and pass on its exit code.
+
+    With retries, a failed exit restarts it after 15 s (Flower exits with status 1 on any error;
+    its own code, e.g. 305 "could not activate", is in its log).
+    """
     import subprocess
+    import time
 
     from server.deploy import shown
 
     console.print(f"[bold]running:[/bold] {shown(command)}", soft_wrap=True)
-    try:
-        code = subprocess.call(command, env=env)
-    except FileNotFoundError:
-        console.print(f"[red]error:[/red] {command[0]} not found; install fedmri (it brings flwr) in this environment")
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        code = 130
+    for attempt in range(retries + 1):
+        try:
+            code = subprocess.call(command, env=env)
+        except FileNotFoundError:
+            console.print(f"[red]error:[/red] {command[0]} not found; install fedmri (it brings flwr) here")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        if code == 0 or attempt == retries:
+            break
+        console.print(f"{command[0]} failed (exit {code}, see its log above); restart {attempt + 1}/{retries} in 15 s")
+        time.sleep(15)
     raise typer.Exit(code)
 
 
@@ -425,10 +435,10 @@ def _exec(command: list[str], env: dict[str, str]) -> None:
 def certs(
     out: Annotated[Path, typer.Option(help="New folder for ca.crt, superlink.crt/.key and nodes/<site>.key/.pub.")],
     site: Annotated[list[str], typer.Option(help="A site id that gets a node key pair (repeat).")],
-    host: Annotated[list[str], typer.Option(help="Host name or IP the SuperLink is reached at (repeat).")] = [
-        "127.0.0.1",
-        "localhost",
-    ],  # noqa: B006
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="Host name or IP the SuperLink is reached at (repeat). Default: 127.0.0.1, localhost."),
+    ] = None,
     days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
 ) -> None:
     """Create the consortium CA, the SuperLink's TLS certificate and one authentication key per site.
@@ -438,6 +448,7 @@ def certs(
     """
     from server.certs import make_certs
 
+    host = host or ["127.0.0.1", "localhost"]
     try:
         files = make_certs(out, site, host, days)
     except (FileExistsError, ValueError) as err:
@@ -487,10 +498,16 @@ def node_start(
     key: Annotated[Path, typer.Option(help="This site's private key, nodes/<site>.key.")],
     port: Annotated[int, typer.Option(help="Local port for this node's ClientApp API.")] = 9094,
     flwr_home: Annotated[Path, typer.Option(help="FLWR_HOME for this node.")] = Path("runs/supernode"),
+    retries: Annotated[
+        int, typer.Option(help="Restarts after a failure, e.g. refused activation right after a crash.")
+    ] = 12,
 ) -> None:
     """Run flower-supernode for this hospital (foreground; Ctrl-C stops it).
 
     The site YAML is passed as node_config `site-config`; data, cache and ledger stay here.
+    After a crash, the SuperLink refuses to reactivate the node until it has missed two
+    heartbeats (flower-supernode then fails with Flower exit code 305). A failed node is
+    restarted every 15 s, up to --retries times.
     """
     from server.deploy import flower_env, supernode_command
     from sites.config import SiteConfigError, load_site
@@ -500,7 +517,7 @@ def node_start(
     except (OSError, SiteConfigError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    _exec(supernode_command(site_yaml, superlink, root_cert, key, port), flower_env(flwr_home))
+    _exec(supernode_command(site_yaml, superlink, root_cert, key, port), flower_env(flwr_home), retries)
 
 
 @app.command("run")

@@ -79,59 +79,103 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, seconds: flo
     raise AssertionError(f"port {port} never opened; {log.read_text()[-3000:]}")
 
 
-@pytest.mark.slow
-def test_tls_federation_with_node_authentication(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
-    certs = make_certs(tmp_path / "certs", ["tiny-a", "tiny-b", "intruder"], ["127.0.0.1", "localhost"])
+class Cluster:
+    """Real Flower processes on 127.0.0.1, each in its own process group, stopped by pid."""
+
+    def __init__(self, tmp_path: Path, site_ids: list[str]) -> None:
+        self.tmp = tmp_path
+        self.certs = make_certs(tmp_path / "certs", site_ids, ["127.0.0.1", "localhost"])
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.cli_env = self.env("cli")
+        write_flwr_config(tmp_path / "cli-home", self.address, self.certs.ca_cert)
+
+    def env(self, name: str) -> dict[str, str]:
+        env = flower_env(self.tmp / f"{name}-home")
+        env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+        return env
+
+    def start(self, command: list[str], name: str) -> subprocess.Popen:
+        with open(self.tmp / f"{name}.log", "a") as log:
+            process = subprocess.Popen(
+                command, env=self.env(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def start_superlink(self) -> None:
+        link = self.start(superlink_command(self.tmp / "certs", "127.0.0.1", self.port, self.tmp / "state.db"), "superlink")  # fmt: skip
+        _wait_for_port(self.port, link, self.tmp / "superlink.log")
+
+    def register(self, site: str) -> None:
+        done = subprocess.run(
+            register_command(self.certs.node_keys[site][1]),
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def start_node(self, site_yaml: Path, key_of: str, name: str) -> subprocess.Popen:
+        command = supernode_command(site_yaml, self.address, self.certs.ca_cert, self.certs.node_keys[key_of][0], _free_port())  # fmt: skip
+        return self.start(command, name)
+
+    def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
+        process = self.processes[name]
+        if process.poll() is None:
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.kill(name)
+
+
+def private_sites(tiny_sites: Path, tmp_path: Path) -> Path:
     sites = tmp_path / "sites"
     for name in ("tiny-a", "tiny-b"):  # private copies: fresh ledgers
         shutil.copytree(tiny_sites / name, sites / name)
         shutil.copy(tiny_sites / f"{name}.yaml", sites / f"{name}.yaml")
-    processes: list[tuple[subprocess.Popen, Path]] = []
+    return sites
 
-    def start(command: list[str], name: str) -> subprocess.Popen:
-        log = tmp_path / f"{name}.log"
-        env = flower_env(tmp_path / f"{name}-home")
-        env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-        with open(log, "w") as handle:
-            process = subprocess.Popen(
-                command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        processes.append((process, log))
-        return process
 
-    port = _free_port()
-    cli_env = flower_env(tmp_path / "cli-home")
-    cli_env["PATH"] = f"{BIN}{os.pathsep}{cli_env['PATH']}"
+@pytest.mark.slow
+def test_tls_federation_with_node_authentication(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
+    sites = private_sites(tiny_sites, tmp_path)
+    cluster = Cluster(tmp_path, ["tiny-a", "tiny-b", "intruder"])
     try:
-        link = start(superlink_command(tmp_path / "certs", "127.0.0.1", port, tmp_path / "state.db"), "superlink")
-        _wait_for_port(port, link, tmp_path / "superlink.log")
-        address = f"127.0.0.1:{port}"
-        write_flwr_config(tmp_path / "cli-home", address, certs.ca_cert)
+        cluster.start_superlink()
         for site in ("tiny-a", "tiny-b"):  # the consortium admits the two hospitals, not the intruder
-            done = subprocess.run(register_command(certs.node_keys[site][1]), env=cli_env, capture_output=True, text=True, timeout=60)  # fmt: skip
-            assert done.returncode == 0, done.stdout + done.stderr
+            cluster.register(site)
         for site in ("tiny-a", "tiny-b"):
-            start(supernode_command(sites / f"{site}.yaml", address, certs.ca_cert, certs.node_keys[site][0], _free_port()), site)  # fmt: skip
-        intruder = start(
-            supernode_command(sites / "tiny-a.yaml", address, certs.ca_cert, certs.node_keys["intruder"][0], _free_port()),
-            "intruder",
-        )  # fmt: skip
+            cluster.start_node(sites / f"{site}.yaml", site, site)
+        intruder = cluster.start_node(sites / "tiny-a.yaml", "intruder", "intruder")
 
         out = tmp_path / "run"
         overrides = f"num-server-rounds=2 local-steps=2 batch-size=2 min-train-nodes=2 base-model='{tiny_base}' run-dir='{out}'"  # fmt: skip
-        result = subprocess.run(run_command(overrides), env=cli_env, capture_output=True, text=True, timeout=480)
-        log = result.stdout + result.stderr
-        assert result.returncode == 0, log[-4000:]
+        result = subprocess.run(
+            run_command(overrides), env=cluster.cli_env, capture_output=True, text=True, timeout=480
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2]
         assert all(sorted(r["sites"]) == ["tiny-a", "tiny-b"] and r["accepted"] == 2 for r in records), records
 
         # The unknown key was refused. Admitted, it would have been sampled too (fraction-train 1.0)
         # and made 3 replies per round; its log shows the refusal.
-        intruder_log = (tmp_path / "intruder.log").read_text()
+        intruder_log = cluster.log("intruder")
         assert "Failed to activate SuperNode" in intruder_log, intruder_log[-3000:]
         assert intruder.poll() is None or intruder.returncode != 0
-        link_log = (tmp_path / "superlink.log").read_text()
+        link_log = cluster.log("superlink")
         assert "No SuperNode found with the given public key" in link_log  # refused by key, not by TLS
         assert link_log.count("Activated node_id=") == 2
 
@@ -141,12 +185,69 @@ def test_tls_federation_with_node_authentication(tiny_sites: Path, tiny_base: Pa
         verified = CliRunner().invoke(app, ["verify", str(release)])
         assert verified.exit_code == 0, verified.output
     finally:
-        for process, _ in reversed(processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process, _ in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        cluster.stop_all()
+
+
+def _wait_for_rounds(metrics: Path, rounds: int, run: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while not (metrics.exists() and metrics.read_text().count("\n") >= rounds):
+        assert run.poll() is None, "the federation ended early"
+        assert time.time() < deadline, f"round {rounds} never completed"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_killed_node_is_left_out_and_rejoins_with_its_ledger(
+    tiny_sites: Path, tiny_base: Path, tmp_path: Path
+) -> None:
+    sites = private_sites(tiny_sites, tmp_path)
+    cluster = Cluster(tmp_path, ["tiny-a", "tiny-b"])
+    try:
+        cluster.start_superlink()
+        for site in ("tiny-a", "tiny-b"):
+            cluster.register(site)
+            cluster.start_node(sites / f"{site}.yaml", site, site)
+        out = tmp_path / "run"
+        overrides = (
+            f"num-server-rounds=4 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=40.0 "
+            f"base-model='{tiny_base}' run-dir='{out}'"
+        )
+        with open(tmp_path / "run.log", "w") as log:
+            run = subprocess.Popen(run_command(overrides), env=cluster.cli_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        cluster.processes["run"] = run
+        metrics = out / "metrics.jsonl"
+        _wait_for_rounds(metrics, 1, run)
+        cluster.kill("tiny-b", signal.SIGKILL)  # as round 2 goes out: no goodbye, no reply
+        _wait_for_rounds(metrics, 2, run)
+        # The hospital restarts its node. Until the SuperLink has marked the crashed node offline
+        # (2 missed heartbeats) it refuses to activate it again (Flower exit code 305, process status 1): retry, as
+        # `fedmri node start` does.
+        activated = cluster.log("superlink").count("Activated node_id=")
+        deadline = time.time() + 180
+        while cluster.log("superlink").count("Activated node_id=") == activated:
+            refusals = cluster.log("tiny-b").count("Failed to activate SuperNode")
+            node = cluster.start_node(sites / "tiny-b.yaml", "tiny-b", "tiny-b")
+            while node.poll() is None and cluster.log("superlink").count("Activated node_id=") == activated:
+                time.sleep(0.5)
+            if node.poll() is not None:  # refused: status 1, and Flower's code 305 in its log
+                assert node.returncode != 0
+                assert cluster.log("tiny-b").count("Failed to activate SuperNode") == refusals + 1
+                assert time.time() < deadline, cluster.log("tiny-b")[-3000:]
+                time.sleep(5)
+        assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-4000:]
+
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [r["round"] for r in records] == [1, 2, 3, 4]
+        assert records[0]["accepted"] == 2
+        assert records[1]["accepted"] == 1 and records[1]["sites"]["tiny-a"]["status"] == "trained"
+        assert records[1]["sites"].get("tiny-b", {}).get("status") in (None, "error")
+        rejoined = [r["round"] for r in records[2:] if r["sites"].get("tiny-b", {}).get("status") == "trained"]
+        assert rejoined, records  # back in round 3 or 4
+
+        ledger = json.loads((sites / ".fedmri-ledger" / "tiny-b.json").read_text())  # parses: never torn
+        trained = [e for e in ledger["entries"] if e["status"] == "trained"]
+        assert trained[0]["server_round"] == 1 and trained[-1]["server_round"] == rejoined[-1]
+        assert trained[-1]["epsilon"] > trained[0]["epsilon"]  # spending continued from the ledger
+        assert records[-1]["sites"]["tiny-b"]["epsilon"] == pytest.approx(trained[-1]["epsilon"])
+    finally:
+        cluster.stop_all()
