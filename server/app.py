@@ -18,6 +18,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="[fedmri] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else every SuperLink poll is logged
     run = RunConfig.from_flower(dict(context.run_config))
     tensors = run_federation(grid, run)
     model = save_final_model(run, tensors)

@@ -93,6 +93,21 @@ def test_spent_budget_declines_and_sends_no_tensors(tiny_sites: Path, tiny_base:
     assert reply.content["metrics"]["trained"] == 0.0
 
 
+def test_a_hostile_server_config_is_clamped_and_the_ledger_shows_it(
+    tiny_sites: Path, tiny_base: Path, tmp_path: Path
+) -> None:
+    path = site_yaml(tiny_sites, tmp_path, max_local_steps=3, min_noise_multiplier=0.7, max_grad_norm=1.0)
+    hostile = train_message(tiny_base, 1, **{"local-steps": 10_000, "max-grad-norm": 50.0, "noise-multiplier": 0.01})
+    reply = train(hostile, context(path))
+    metrics, notes = reply.content["metrics"], " ".join(reply.content["reply"]["notes"])
+    assert metrics["steps"] == 3 and metrics["max-grad-norm"] == 1.0 and metrics["noise-multiplier"] >= 0.7
+    assert "local-steps clamped" in notes and "max-grad-norm 50.0 ignored" in notes
+    assert "noise-multiplier 0.01 ignored" in notes
+    entry = json.loads((tmp_path / "ledger" / "tiny-b.json").read_text())["entries"][-1]
+    assert entry["segment"]["steps"] == 3 and entry["segment"]["noise_multiplier"] >= 0.7
+    assert " ".join(entry["notes"]) == notes  # the site's own record says what it refused
+
+
 def test_unknown_node_gets_a_clear_error(tiny_base: Path) -> None:
     ctx = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config=RunConfig().to_flower())
     with pytest.raises(ValueError, match="site-config"):
