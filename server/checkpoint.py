@@ -25,10 +25,6 @@ class Checkpoint:
     info: dict[str, Any] = field(default_factory=dict)  # strategy name, per-site ε, ...
 
 
-def _sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     """Write run_dir/checkpoints/round-NNNN/ via a temporary folder renamed into place."""
     root = run_dir / "checkpoints"
@@ -37,10 +33,10 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in checkpoint.tensors.items()}, str(tmp / "global.safetensors"))
-    files = {"global.safetensors": _sha256(tmp / "global.safetensors")}
+    files = {"global.safetensors": sha256_file(tmp / "global.safetensors")}
     if checkpoint.strategy_state:
         save_file({k: v.contiguous() for k, v in checkpoint.strategy_state.items()}, str(tmp / "strategy.safetensors"))
-        files["strategy.safetensors"] = _sha256(tmp / "strategy.safetensors")
+        files["strategy.safetensors"] = sha256_file(tmp / "strategy.safetensors")
     state = {"server_round": checkpoint.server_round, "info": checkpoint.info, "sha256": files}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
@@ -57,7 +53,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     try:
         state = json.loads((folder / "state.json").read_text())
         for name, digest in state["sha256"].items():
-            if _sha256(folder / name) != digest:
+            if sha256_file(folder / name) != digest:
                 raise CheckpointError(f"{folder / name}: sha256 differs from state.json (truncated or corrupted)")
         tensors = load_file(str(folder / "global.safetensors"))
         strategy = load_file(str(folder / "strategy.safetensors")) if "strategy.safetensors" in state["sha256"] else {}

@@ -36,7 +36,6 @@ class SiteRecord:
     max_grad_norm: set[float] = field(default_factory=set)
     segments: list[dict[str, float]] = field(default_factory=list)
     reported_epsilon: float = 0.0  # the site's cumulative ledger ε (may include earlier runs)
-    rounds_trained: int = 0
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -70,7 +69,6 @@ def gather_sites(records: list[dict[str, Any]]) -> dict[str, SiteRecord]:
                         "steps": int(info["steps"]),
                     }
                 )
-                site.rounds_trained += 1
     return sites
 
 
