@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.evaluate import EvalSettings, run_site_evaluation
 from client.policy import Proposal
 from client.round import run_site_round
 from client.trainer import TrainSettings
@@ -75,4 +77,27 @@ def train(msg: Message, context: Context) -> Message:
     )
     if reply.tensors is not None:
         content["arrays"] = ArrayRecord(reply.tensors)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the sent release on this site's held-out subjects; only aggregates go back."""
+    run = RunConfig.from_flower(dict(context.run_config))
+    config = msg.content["config"]
+    settings = EvalSettings(
+        samples_per_condition=int(config["samples-per-condition"]),
+        steps=int(config["steps"]),
+        guidance_scale=float(config["guidance-scale"]),
+        seed=int(config["seed"]),
+        min_subjects=int(config["min-subjects"]),
+    )
+    site_id, metrics, _ = run_site_evaluation(
+        site_yaml(context, run),
+        json.loads(str(config["model-configs"])),
+        msg.content["vae"].to_torch_state_dict(),
+        msg.content["denoiser"].to_torch_state_dict(),
+        settings,
+    )
+    content = RecordDict({"metrics": MetricRecord(metrics), "reply": ConfigRecord({"site-id": site_id})})
     return Message(content=content, reply_to=msg)

@@ -16,7 +16,7 @@ from common.finetune import FinetuneMode, configure, load_trainable, trainable_t
 from common.model import LDM, load_ldm
 from common.privacy import Segment, default_delta, epsilon
 from common.weights import base_model_dir
-from sites.bids import SiteSlices, read_site_data
+from sites.bids import SiteSlices, read_site_data, split_subjects
 from sites.config import SiteConfig, load_site
 from sites.datasets import SubjectDataset
 
@@ -46,10 +46,14 @@ class SiteReply:
 
 
 @functools.lru_cache(maxsize=4)
-def site_data(yaml_path: str) -> tuple[SiteConfig, SiteSlices]:
-    """The site's config and slices, read once per process (and cached on disk by the reader)."""
+def site_data(yaml_path: str) -> tuple[SiteConfig, SiteSlices, SiteSlices]:
+    """The site's config, training slices and held-out slices (split by subject; never trained on).
+
+    Read once per process (and cached on disk by the reader).
+    """
     site = load_site(yaml_path)
-    return site, read_site_data(site)
+    training, heldout = split_subjects(read_site_data(site), site.site_id, site.data.holdout_fraction)
+    return site, training, heldout
 
 
 def open_ledger(site: SiteConfig, num_subjects: int) -> Ledger:
@@ -83,7 +87,7 @@ def run_site_round(
     seed: int,
 ) -> SiteReply:
     """Decide, train, persist the ledger entry, and only then return what may leave the site."""
-    site, slices = site_data(yaml_path)
+    site, slices, _ = site_data(yaml_path)  # held-out subjects never reach the trainer
     n = len(slices.subjects)
     ledger = open_ledger(site, n)
     decision = decide(site.privacy, ledger, proposal, run_id)

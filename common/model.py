@@ -144,6 +144,29 @@ def load_ldm(path: Path) -> LDM:
     return LDM(vae.eval(), Denoiser(unet, encoder), scheduler, settings)
 
 
+def model_configs(path: Path) -> dict[str, str]:
+    """The JSON files of a model directory (architecture, scheduler, settings): {relative path: text}."""
+    path = Path(path)
+    names = ("vae/config.json", "unet/config.json", "condition_encoder/config.json",
+             "scheduler/scheduler_config.json", FEDMRI_JSON)  # fmt: skip
+    return {name: (path / name).read_text() for name in names}
+
+
+def ldm_from_parts(
+    configs: dict[str, str], vae_state: dict[str, torch.Tensor], denoiser_state: dict[str, torch.Tensor]
+) -> LDM:
+    """Rebuild an LDM from model_configs() and state dicts (e.g. sent in a Flower message); strict load."""
+    vae = AutoencoderKL.from_config(json.loads(configs["vae/config.json"]))
+    unet = UNet2DConditionModel.from_config(json.loads(configs["unet/config.json"]))
+    encoder = ConditionEncoder.from_config(json.loads(configs["condition_encoder/config.json"]))
+    scheduler = DDPMScheduler.from_config(json.loads(configs["scheduler/scheduler_config.json"]))
+    settings = ModelSettings(**json.loads(configs[FEDMRI_JSON]))
+    vae.load_state_dict(vae_state)
+    denoiser = Denoiser(unet, encoder)
+    denoiser.load_state_dict(denoiser_state)
+    return LDM(vae.float().eval(), denoiser.float().eval(), scheduler, settings)
+
+
 def load_foreign_base(path: Path, image_size: int = 64) -> tuple[LDM, list[str]]:
     """Adapt any local diffusers directory holding vae/ and unet/ (e.g. Stable-Diffusion-style).
 

@@ -10,6 +10,7 @@ from common.finetune import FinetuneMode
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 CLIENT_DP = ("off", "fixed")
+TASKS = ("train", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ class RunConfig:
     client_dp_noise: float = 1.0  # σ of the noise on the mean of clipped site updates, in units of C/n
     client_dp_clip: float = 1.0  # C: L2 bound on each site's update before averaging
     client_dp_delta: float = 1e-5
+    # task = evaluate: send the release at eval-model to every site (server/evaluation.py).
+    task: str = "train"
+    eval_model: str = ""  # a release directory on the server
+    eval_samples: int = 16  # generated slices per (modality, pathology) at each site
+    eval_steps: int = 20  # DPM-Solver++ steps
+    eval_grid_samples: int = 8  # generated slices per grid combination (server, public evaluator)
+    eval_min_subjects: int = 2  # conditions with fewer held-out subjects are not reported
 
     def __post_init__(self) -> None:
         if self.finetune_mode not in {m.value for m in FinetuneMode}:
@@ -46,6 +54,10 @@ class RunConfig:
             _bad("strategy", self.strategy, list(STRATEGIES))
         if self.client_dp not in CLIENT_DP:
             _bad("client-dp", self.client_dp, list(CLIENT_DP))
+        if self.task not in TASKS:
+            _bad("task", self.task, list(TASKS))
+        if self.task == "evaluate" and not self.eval_model:
+            raise ValueError("run config 'task' = 'evaluate' needs 'eval-model', a release directory")
         if self.client_dp != "off":
             if self.strategy == "fedadam":
                 # Flower adds the noise to the strategy's output; only a plain mean keeps sensitivity C/n.
@@ -58,7 +70,10 @@ class RunConfig:
                 raise ValueError(f"run config 'client-dp-clip' must be > 0, got {self.client_dp_clip}")
             if not 0 < self.client_dp_delta < 1:
                 raise ValueError(f"run config 'client-dp-delta' must lie in (0, 1), got {self.client_dp_delta}")
-        for name in ("num_server_rounds", "local_steps", "batch_size", "lora_rank", "min_train_nodes"):
+        for name in (
+            "num_server_rounds", "local_steps", "batch_size", "lora_rank", "min_train_nodes", "eval_samples",
+            "eval_steps", "eval_grid_samples", "eval_min_subjects",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"run config '{name.replace('_', '-')}' must be >= 1, got {getattr(self, name)}")
 

@@ -26,8 +26,8 @@ def _matches(directory: Path, files: dict[str, str]) -> bool:
     return all((directory / rel).is_file() and sha256_file(directory / rel) == digest for rel, digest in files.items())
 
 
-def _installed_copy() -> Path | None:
-    """common/weights/NAME of the installed fedmri distribution (editable or not), if any."""
+def _installed_copy(name: str = NAME) -> Path | None:
+    """common/weights/<name> of the installed fedmri distribution (editable or not), if any."""
     try:
         dist = metadata.distribution("fedmri")
     except metadata.PackageNotFoundError:
@@ -36,27 +36,30 @@ def _installed_copy() -> Path | None:
     if direct_url:
         info = json.loads(direct_url)
         if info.get("dir_info", {}).get("editable") and info.get("url", "").startswith("file://"):
-            return Path(unquote(urlparse(info["url"]).path)) / "common" / "weights" / NAME
-    return Path(str(dist.locate_file(f"common/weights/{NAME}")))
+            return Path(unquote(urlparse(info["url"]).path)) / "common" / "weights" / name
+    return Path(str(dist.locate_file(f"common/weights/{name}")))
 
 
 def base_model_dir() -> Path:
     """The shipped base model directory; raises FileNotFoundError saying what is missing and how to fix it."""
-    provenance = BASE_MODEL / "provenance.json"
+    return shipped_dir(BASE_MODEL, "`fedmri pretrain --scenario demo --out DIR --fp16` and pass --model DIR")
+
+
+def shipped_dir(here: Path, rebuild: str) -> Path:
+    """`here` (common/weights/<name>), or the installed fedmri's copy when `here` holds only the provenance."""
+    name = here.name
+    provenance = here / "provenance.json"
     if not provenance.exists():
-        raise FileNotFoundError(
-            f"{BASE_MODEL}: shipped base model missing; rebuild it with "
-            "`fedmri pretrain --scenario demo --out DIR --fp16` and pass --model DIR"
-        )
+        raise FileNotFoundError(f"{here}: shipped weights missing; rebuild them with {rebuild}")
     files = json.loads(provenance.read_text())["files"]
-    if all((BASE_MODEL / rel).is_file() for rel in files):
-        return BASE_MODEL
-    installed = _installed_copy()
-    if installed is not None and installed != BASE_MODEL and _matches(installed, files):
-        log.info("shipped base: weights of the installed fedmri at %s (sha256 match %s)", installed, provenance)
+    if all((here / rel).is_file() for rel in files):
+        return here
+    installed = _installed_copy(name)
+    if installed is not None and installed != here and _matches(installed, files):
+        log.info("shipped %s: weights of the installed fedmri at %s (sha256 match %s)", name, installed, provenance)
         return installed
     raise FileNotFoundError(
-        f"{BASE_MODEL} has the base's provenance but not its weights (a Flower App bundle carries no weight "
+        f"{here} has the provenance of {name} but not its weights (a Flower App bundle carries no weight "
         f"files), and no installed fedmri holds files matching its sha256 ({installed}). Install fedmri on "
         "this machine, or set run config base-model to a model directory present on every machine."
     )

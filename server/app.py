@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.run_config import RunConfig
+from server.evaluation import run_evaluation
 from server.federation import run_federation, save_final_model
 from server.plots import plot_run
 
@@ -20,6 +21,10 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="[fedmri] %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # else every SuperLink poll is logged
     run = RunConfig.from_flower(dict(context.run_config))
+    if run.task == "evaluate":
+        written = run_evaluation(grid, run)
+        print(f"[fedmri] evaluation written: {', '.join(str(p) for p in written)}", flush=True)
+        return
     tensors = run_federation(grid, run)
     model = save_final_model(run, tensors)
     plots = plot_run(Path(run.run_dir))

@@ -108,6 +108,78 @@ def pretrain(
     console.print(f"base model written to {out} ({len(images)} public slices)")
 
 
+def labelled(slices) -> object:  # -> common.evaluator.LabelledSlices
+    from common.evaluator import LabelledSlices, field_class
+
+    return LabelledSlices(slices.images, slices.modality, slices.pathology, field_class(slices.field_strength))
+
+
+@app.command("train-evaluator")
+def train_evaluator(
+    out: Annotated[Path, typer.Option(help="Evaluator directory to write (evaluator.safetensors + provenance.json).")],
+    sites_dir: Annotated[
+        Path, typer.Option("--sites", help="Where the public reference sites are (made there if missing).")
+    ] = Path("runs/sites"),
+    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and sampling.")] = 0,
+) -> None:
+    """Train fedmri's evaluator on the public **reference** sites (every contrast and pathology at 0.3, 1.5, 3 T).
+
+    One small CNN: its pooled features are the space of the Fréchet distance; its three heads
+    classify modality, pathology and field strength (condition adherence). Validation subjects
+    (each reference YAML's holdout_fraction, split by subject) are never trained on; their
+    accuracy goes into provenance.json with the command, config, data summary and sha256.
+    The shipped evaluator (common/weights/fedmri-eval-v1) was made by this command.
+    """
+    import time
+
+    import numpy as np
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common.evaluator import Evaluator, EvaluatorConfig, LabelledSlices, accuracy, save_evaluator
+    from common.evaluator import train_evaluator as run_training
+    from sites.bids import read_site_data, split_subjects
+    from sites.cli import make_scenario_sites
+    from sites.config import load_site
+    from sites.scenarios import reference_sites
+
+    start = time.perf_counter()
+    training, validation, summary = [], [], {}
+    for path in make_scenario_sites(reference_sites(), sites_dir):
+        site = load_site(path)
+        data = read_site_data(site)
+        fit, held = split_subjects(data, site.site_id, site.data.holdout_fraction)
+        training.append(labelled(fit))
+        validation.append(labelled(held))
+        summary[site.site_id] = {**data.summary(), "training_subjects": len(fit.subjects),
+                                 "validation_subjects": len(held.subjects)}  # fmt: skip
+
+    def stack(parts: list) -> LabelledSlices:
+        return LabelledSlices(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "modality", "pathology", "field"))
+        )
+
+    fit_data, val_data = stack(training), stack(validation)
+    cfg = EvaluatorConfig(steps=steps, batch_size=batch_size, seed=seed)
+    with Progress(TextColumn("evaluator"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                  TimeElapsedColumn(), console=console) as bar:  # fmt: skip
+        task = bar.add_task("train", total=steps, loss=0.0)
+        net = run_training(fit_data, cfg, lambda step, total, loss: bar.update(task, completed=step, loss=loss))
+    val_accuracy = accuracy(Evaluator(net), val_data)
+    save_evaluator(net, cfg, out, {
+        "command": "fedmri " + shlex.join(sys.argv[1:]),
+        "data": summary,
+        "slices": {"training": len(fit_data.images), "validation": len(val_data.images)},
+        "validation_accuracy": val_accuracy,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    })  # fmt: skip
+    console.print(
+        f"evaluator written to {out}: validation accuracy (held-out reference subjects) "
+        + ", ".join(f"{k} {v:.1%}" for k, v in val_accuracy.items())
+    )
+
+
 @app.command()
 def simulate(
     out: Annotated[Path, typer.Option(help="Run directory: metrics.jsonl, plots, checkpoints, model/.")],
@@ -319,6 +391,85 @@ def demo(
     console.print(f"release (verified): {release_dir}  (model card: {release_dir / 'README.md'})")
     console.print(f"grid (0.3 T, every modality x pathology, from the release): {grid_dir / 'grid.png'}")
     console.print(f"plots: {run_dir / 'loss.png'}, {run_dir / 'epsilon.png'}\nsites and contact sheets: {sites_dir}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="The release to evaluate (verified first).")],
+    out: Annotated[Path, typer.Option(help="Folder for the tables (CSV + Markdown), evaluation.png and .json.")] = Path(
+        "runs/evaluation"
+    ),
+    scenario: Annotated[
+        str, typer.Option(help="Scenario whose hospitals evaluate (one virtual SuperNode each).")
+    ] = "demo",
+    sites_dir: Annotated[
+        Path, typer.Option("--sites", help="Where the sites are (synthetic ones are made there if missing).")
+    ] = Path("runs/sites"),
+    samples: Annotated[int, typer.Option(help="Generated slices per (modality, pathology) at each site.")] = 16,
+    grid_samples: Annotated[
+        int, typer.Option(help="Generated slices per modality x pathology x field combination.")
+    ] = 8,
+    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps per sample.")] = 20,
+    min_subjects: Annotated[int, typer.Option(help="Skip conditions with fewer held-out subjects at a site.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
+) -> None:
+    """Federated evaluation of a release: each site scores it on its **held-out** subjects.
+
+    Every site (Flower Simulation Engine, the same ClientApp as in deployment) generates from the
+    prompts of its held-out slices and returns only aggregates: Fréchet distance in the shipped
+    evaluator's feature space (with the training-vs-held-out floor), MS-SSIM diversity, condition
+    adherence (modality, pathology, field strength; also on real slices, the ceiling), the
+    memorization audit (its closest-pairs PNGs stay at the site, in .fedmri-eval/) and few-shot
+    downstream utility. The server adds adherence over every modality x pathology x field
+    combination, marking those no site holds. Writes evaluation_*.csv/.md, evaluation.png and
+    evaluation.json to --out.
+    """
+    import json
+    import time
+
+    from rich.table import Table
+
+    from common.run_config import RunConfig
+    from simulation.engine import run_simulation
+    from sites import scenarios
+    from sites.cli import make_scenario_sites
+
+    _check_before_loading(model, skip_verify=False)
+    try:
+        hospitals = scenarios.create(scenario).hospitals
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    yaml_paths = make_scenario_sites(hospitals, sites_dir)
+    run = RunConfig(
+        task="evaluate", eval_model=str(model.resolve()), eval_samples=samples, eval_grid_samples=grid_samples,
+        eval_steps=steps, eval_min_subjects=min_subjects, seed=seed, run_dir=str(out.resolve()),
+        min_train_nodes=len(yaml_paths), sites=",".join(str(p.resolve()) for p in yaml_paths),
+    )  # fmt: skip
+    (out / "evaluation.json").unlink(missing_ok=True)
+    console.print(f"evaluating {model} at {len(yaml_paths)} sites ({scenario}) -> {out}")
+    start = time.perf_counter()
+    run_simulation(run, len(yaml_paths))
+    if not (out / "evaluation.json").exists():
+        console.print("[red]error:[/red] the evaluation did not finish; see the log above")
+        raise typer.Exit(1)
+    summary = json.loads((out / "evaluation.json").read_text())
+    if summary["errors"] or len(summary["sites"]) < len(yaml_paths):
+        console.print(f"[red]error:[/red] not every site evaluated: {summary['errors']}")
+        raise typer.Exit(1)
+    table = Table(title=f"condition adherence of {model.name} (evaluator classifiers, {grid_samples} per combination)")
+    for column in ("combinations", "modality", "pathology", "field strength"):
+        table.add_column(column)
+    adherence = summary["adherence"]
+    for part in ("all", "held", "unseen"):
+        if f"{part}_modality" in adherence:
+            table.add_row(part, *(f"{adherence[f'{part}_{h}']:.0%}" for h in ("modality", "pathology", "field")))
+    console.print(table)
+    console.print((out / "evaluation_utility.md").read_text())
+    console.print(
+        f"done in {time.perf_counter() - start:.0f} s: {out}/evaluation_sites.csv/.md, evaluation_adherence.csv/.md, "
+        f"evaluation_utility.csv/.md, evaluation.png; closest-pair PNGs stay with each site in .fedmri-eval/"
+    )
 
 
 def _check_before_loading(model: Path, skip_verify: bool) -> None:
@@ -534,6 +685,29 @@ def run_federation(
 
     write_flwr_config(flwr_home, superlink, root_cert)
     _exec(run_command(run_config), flower_env(flwr_home))
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="Fewer repeats, steps and sites: about 2 minutes.")] = False,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Folder for the bench's sites and runs (default: a new temporary folder).")
+    ] = None,
+) -> None:
+    """Measure speed, memory, upload size and scale in one run; print one JSON object on stdout.
+
+    Keys: dp_step_over_plain_step (per mode, with peak memory), upload_bytes_per_round,
+    federation_overhead, sampler_speedup, scale (5/20/50 many-small sites; 5 with --quick),
+    machine. Every figure is a ratio or a measurement within this run, same model and batch.
+    Progress goes to stderr, so `fedmri bench --quick > bench.json` keeps the JSON clean.
+    """
+    import json
+
+    from simulation.bench import run_bench
+
+    err = Console(stderr=True)
+    result = run_bench(quick, work_dir, progress=lambda stage: err.print(f"bench: {stage}"))
+    print(json.dumps(result, indent=2))
 
 
 @app.command()

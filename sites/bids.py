@@ -260,6 +260,33 @@ class SiteSlices:
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
         }
 
+    def select_subjects(self, keep: list[int]) -> SiteSlices:
+        """The slices of the subjects at indices `keep` (into `subjects`), re-indexed from 0."""
+        order = sorted(keep)
+        remap = np.full(len(self.subjects), -1)
+        remap[order] = np.arange(len(order))
+        rows = remap[self.subject] >= 0
+        arrays = {name: getattr(self, name)[rows] for name in _ARRAYS}
+        arrays["subject"] = remap[self.subject[rows]]
+        return SiteSlices(**arrays, subjects=[self.subjects[i] for i in order], skipped=self.skipped)
+
+
+def split_subjects(slices: SiteSlices, site_id: str, fraction: float) -> tuple[SiteSlices, SiteSlices]:
+    """(training, held-out) slices, split by subject: round(fraction * N) subjects are held out.
+
+    Which subjects are held out depends only on the site id and each subject's id (the lowest
+    sha256 of "site/subject"), so the split is the same in every run and on every machine, and
+    adding a subject never moves an existing one across the split.
+    """
+    n = len(slices.subjects)
+    held = round(fraction * n)
+    if fraction > 0 and n >= 2:
+        held = min(max(held, 1), n - 1)
+    rank = sorted(range(n), key=lambda i: hashlib.sha256(f"{site_id}/{slices.subjects[i]}".encode()).hexdigest())
+    heldout = rank[:held]
+    training = rank[held:]
+    return slices.select_subjects(training), slices.select_subjects(heldout)
+
 
 _ARRAYS = (
     "images",

@@ -110,8 +110,12 @@ class DataSpec:
     cache_dir: str | None = None
     image_size: int = 64  # pixels of the square axial slice given to the model
     fov_mm: float = 220.0  # physical field of view of that slice
+    # Subjects kept out of training for evaluation (split by subject id, the same in every run).
+    holdout_fraction: float = 0.2
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
         if self.image_size < 8 or self.image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 and >= 8, got {self.image_size}")
         if not self.fov_mm > 0:
@@ -184,6 +188,7 @@ def load_site(path: str | Path) -> SiteConfig:
         cache_dir=None if cache is None else str((path.parent / cache).resolve()),
         image_size=site.data.image_size,
         fov_mm=site.data.fov_mm,
+        holdout_fraction=site.data.holdout_fraction,
     )
     privacy = dataclasses.replace(site.privacy, ledger_dir=str((path.parent / site.privacy.ledger_dir).resolve()))
     return SiteConfig(site_id=site.site_id, data=data, synthetic=site.synthetic, privacy=privacy)

@@ -38,6 +38,12 @@ def _public() -> list[SiteConfig]:
     return [site_from_dict(_yaml(p), source=str(p)) for p in paths]
 
 
+def reference_sites() -> list[SiteConfig]:
+    """Public labelled sets (every contrast and pathology at 0.3, 1.5 and 3 T) that train the evaluator only."""
+    paths = sorted((HOSPITALS_DIR / "reference").glob("*.yaml"))
+    return [site_from_dict(_yaml(p), source=str(p)) for p in paths]
+
+
 def _variant(template: str, site_id: str, seed: int, **synthetic: object) -> SiteConfig:
     """A demo hospital YAML with a new id, seed and overridden `synthetic` fields."""
     raw = copy.deepcopy(_yaml(HOSPITALS_DIR / "demo" / f"{template}.yaml"))

@@ -208,3 +208,26 @@ def test_missing_dataset_description_is_explained(site: Path) -> None:
     (site / "dataset_description.json").unlink()
     with pytest.raises(SiteDataError, match=r"dataset_description\.json: missing; is .* a BIDS dataset"):
         read_site(site)
+
+
+def test_held_out_subjects_are_split_by_subject_and_stable(tiny_sites: Path) -> None:
+    from sites.bids import split_subjects
+
+    data = read_site(tiny_sites / "tiny-public", image_size=64)
+    training, heldout = split_subjects(data, "tiny-public", 0.25)
+    assert len(heldout.subjects) == 1 and len(training.subjects) == len(data.subjects) - 1
+    assert not set(training.subjects) & set(heldout.subjects)
+    assert len(training) + len(heldout) == len(data)
+    # Re-indexed subjects point at the right names: every slice keeps its original subject.
+    for part in (training, heldout):
+        original = {name: i for i, name in enumerate(data.subjects)}
+        rows = [np.nonzero((data.images == part.images[j]).all(axis=(1, 2)))[0][0] for j in range(0, len(part), 7)]
+        assert [data.subjects[data.subject[r]] for r in rows] == [
+            part.subjects[part.subject[j]] for j in range(0, len(part), 7)
+        ]
+        assert set(part.subjects) <= set(original)
+    # Same split every time; another site id gives an independent split; 0 holds nobody out.
+    assert split_subjects(data, "tiny-public", 0.25)[1].subjects == heldout.subjects
+    assert len(split_subjects(data, "tiny-public", 0.0)[1].subjects) == 0
+    splits = {tuple(split_subjects(data, f"site-{i}", 0.25)[1].subjects) for i in range(12)}
+    assert len(splits) > 1

@@ -1,0 +1,199 @@
+"""Evaluation at a site, on its held-out subjects: only aggregates leave, the closest-pairs PNG stays.
+
+For every (modality, pathology) the site holds, with at least `min_subjects` held-out subjects,
+the site generates samples from the prompts of its own held-out slices (their full condition
+vectors: field strength, TR, TE, TI, slice position) and compares them with those slices:
+
+- fd, fd_real: Fréchet distance in the evaluator's feature space, generated vs held-out, and
+  the floor for the same sample count, training slices vs held-out;
+- ms_ssim, ms_ssim_real: mean pairwise MS-SSIM of generated pairs and of held-out pairs;
+- adherence_<head>, adherence_real_<head>: how often the evaluator's classifiers return the
+  requested modality / pathology / field strength, on generated and on held-out real slices;
+- memorized: the fraction of generated samples nearer a training slice than τ (common.metrics).
+
+Then, once per site, downstream utility: a few-shot contrast classifier with k real training
+slices per modality, with and without the generated ones, scored on every held-out slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.conditions import CONDITION_VECTOR, Modality, Pathology
+from common.evaluator import HEADS, Evaluator, field_class
+from common.metrics import (
+    adherence,
+    downstream_utility,
+    frechet_distance,
+    memorization_audit,
+    pairwise_ms_ssim,
+    save_closest_pairs,
+)
+from common.model import LDM
+from common.sampling import sample
+from sites.bids import SiteSlices
+
+# The only per-condition figures that leave a site; each is an aggregate over >= min_subjects people.
+CONDITION_KEYS = (
+    "n_generated", "n_heldout_slices", "n_heldout_subjects", "fd", "fd_real", "ms_ssim", "ms_ssim_real",
+    *(f"adherence_{h}" for h in HEADS), *(f"adherence_real_{h}" for h in HEADS), "memorized",
+)  # fmt: skip
+UTILITY_KEYS = ("utility_k", "utility_synthetic_per_class", "utility_real_only", "utility_with_synthetic")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    samples_per_condition: int = 16
+    steps: int = 20  # DPM-Solver++ steps
+    guidance_scale: float = 3.0
+    seed: int = 0
+    min_subjects: int = 2  # a condition with fewer held-out subjects is not reported
+    few_shot_k: int = 3
+    few_shot_repeats: int = 3
+
+
+def conditions_of(slices: SiteSlices, rows: np.ndarray) -> torch.Tensor:
+    """The condition vectors [n, 7] (CONDITION_VECTOR layout) of the given slices."""
+    return torch.tensor(np.stack([getattr(slices, name)[rows] for name in CONDITION_VECTOR], 1), dtype=torch.float32)
+
+
+def _labels(slices: SiteSlices, rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "modality": slices.modality[rows],
+        "pathology": slices.pathology[rows],
+        "field": field_class(slices.field_strength[rows]),
+    }
+
+
+def evaluate_site(
+    ldm: LDM,
+    evaluator: Evaluator,
+    training: SiteSlices,
+    heldout: SiteSlices,
+    settings: EvalSettings,
+    private_dir: Path,
+) -> dict[str, float]:
+    """Every figure as a flat {"<modality>/<pathology>/<key>": value, "utility_*": value} mapping."""
+    if len(heldout) == 0:
+        raise ValueError("this site has no held-out subjects (data.holdout_fraction is 0): nothing to evaluate on")
+    rng = np.random.default_rng(settings.seed)
+    private_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, float] = {}
+    generated_by_modality: dict[int, list[np.ndarray]] = {}
+    for modality in Modality:
+        for pathology in Pathology:
+            held_rows = np.nonzero((heldout.modality == modality.ordinal) & (heldout.pathology == pathology.ordinal))[0]
+            train_rows = np.nonzero(
+                (training.modality == modality.ordinal) & (training.pathology == pathology.ordinal)
+            )[0]
+            subjects = len(np.unique(heldout.subject[held_rows]))
+            if subjects < settings.min_subjects or len(train_rows) < 2:
+                continue
+            n = settings.samples_per_condition
+            prompts = rng.choice(held_rows, n, replace=True)  # the held-out slices' own conditions
+            images = sample(
+                ldm, conditions_of(heldout, prompts), settings.steps, settings.guidance_scale, "dpm++",
+                seed=settings.seed + 1000 * modality.ordinal + pathology.ordinal,
+            )[:, 0].numpy()  # fmt: skip  # -> [n, 64, 64]
+            generated_by_modality.setdefault(modality.ordinal, []).append(images)
+            real = heldout.images[held_rows].astype(np.float32)
+            train = training.images[train_rows].astype(np.float32)
+            train_sample = train[rng.choice(len(train), min(n, len(train)), replace=False)]
+            real_sample = real[rng.choice(len(real), min(n, len(real)), replace=False)]
+            real_features = evaluator.features(real)
+            predicted, predicted_real = evaluator.predict(images), evaluator.predict(real)
+            requested, requested_real = _labels(heldout, prompts), _labels(heldout, held_rows)
+            audit = memorization_audit(images, train, real)
+            save_closest_pairs(images, train, audit, private_dir / f"closest_{modality.value}_{pathology.value}.png")
+            row = {
+                "n_generated": float(n),
+                "n_heldout_slices": float(len(held_rows)),
+                "n_heldout_subjects": float(subjects),
+                "fd": frechet_distance(evaluator.features(images), real_features),
+                "fd_real": frechet_distance(evaluator.features(train_sample), real_features),
+                "ms_ssim": pairwise_ms_ssim(images),
+                "ms_ssim_real": pairwise_ms_ssim(real_sample),
+                **{f"adherence_{h}": adherence(predicted[h], requested[h]) for h in HEADS},
+                **{f"adherence_real_{h}": adherence(predicted_real[h], requested_real[h]) for h in HEADS},
+                "memorized": audit.flagged_fraction,
+            }
+            out.update({f"{modality.value}/{pathology.value}/{k}": v for k, v in row.items()})
+    if not out:
+        raise ValueError(
+            f"no (modality, pathology) has {settings.min_subjects}+ held-out subjects here; "
+            "raise data.holdout_fraction or lower min-subjects"
+        )
+    out.update(_utility(training, heldout, generated_by_modality, settings))
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def _utility(
+    training: SiteSlices, heldout: SiteSlices, generated: dict[int, list[np.ndarray]], settings: EvalSettings
+) -> dict[str, float]:
+    """Few-shot contrast classification (held-out accuracy), k real per modality, ± the generated slices."""
+    modalities = sorted(generated)
+    if len(modalities) < 2:
+        return {}
+    keep = np.isin(training.modality, modalities)
+    test = np.isin(heldout.modality, modalities)
+    synthetic_x = np.concatenate([np.concatenate(generated[m]) for m in modalities])
+    synthetic_y = np.concatenate([np.full(sum(len(g) for g in generated[m]), m) for m in modalities])
+    utility = downstream_utility(
+        training.images[keep].astype(np.float32), training.modality[keep], synthetic_x, synthetic_y,
+        heldout.images[test].astype(np.float32), heldout.modality[test], classes=len(Modality),
+        k=settings.few_shot_k, repeats=settings.few_shot_repeats, seed=settings.seed,
+    )  # fmt: skip
+    return {
+        "utility_k": float(utility.k),
+        "utility_synthetic_per_class": float(utility.synthetic_per_class),
+        "utility_real_only": utility.real_only,
+        "utility_with_synthetic": utility.with_synthetic,
+    }
+
+
+def held_flags(training: SiteSlices) -> dict[str, float]:
+    """ "held/<modality>/<pathology>/<field class>" = 1 for each combination in the training data.
+
+    The model card already lists what each site holds; the server uses this to mark unseen ones.
+    """
+    combos = set(zip(training.modality, training.pathology, field_class(training.field_strength), strict=True))
+    return {f"held/{list(Modality)[m].value}/{list(Pathology)[p].value}/{f}": 1.0 for m, p, f in combos}
+
+
+def check_keys(metrics: dict[str, float]) -> None:
+    """Refuse to send anything that is not a whitelisted aggregate."""
+    for key in metrics:
+        parts = key.split("/")
+        ok = (
+            key in UTILITY_KEYS
+            or (len(parts) == 3 and parts[2] in CONDITION_KEYS)
+            or (len(parts) == 4 and parts[0] == "held")
+        )
+        if not ok:
+            raise ValueError(f"evaluation metric {key!r} is not on the whitelist")
+
+
+def run_site_evaluation(
+    yaml_path: str,
+    configs: dict[str, str],
+    vae: dict[str, torch.Tensor],
+    denoiser: dict[str, torch.Tensor],
+    settings: EvalSettings,
+) -> tuple[str, dict[str, float], Path]:
+    """Rebuild the sent release, evaluate it, and return (site id, aggregates, folder of the private PNGs)."""
+    from client.round import site_data
+    from common.evaluator import load_evaluator
+    from common.model import ldm_from_parts
+
+    site, training, heldout = site_data(yaml_path)
+    ldm = ldm_from_parts(configs, vae, denoiser)
+    private_dir = Path(yaml_path).resolve().parent / ".fedmri-eval" / site.site_id
+    metrics = evaluate_site(ldm, load_evaluator(), training, heldout, settings, private_dir)
+    metrics.update(held_flags(training))
+    check_keys(metrics)
+    return site.site_id, metrics, private_dir

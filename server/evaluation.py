@@ -1,0 +1,289 @@
+"""Federated evaluation: send a release to every site, collect aggregates, tabulate and plot them.
+
+Sites evaluate on their own held-out subjects (client/evaluate.py) and return only aggregates.
+The server adds what needs no patient data: condition adherence over the whole grid of
+modality x pathology x field strength, generated from the release and classified by the public
+evaluator, each combination marked with the sites that hold it (or none: an unseen combination).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.conditions import Conditions, Modality, Pathology
+from common.evaluator import FIELD_CLASSES, HEADS, Evaluator
+from common.metrics import adherence
+from common.model import LDM
+from common.prompts import conditions_to_vector
+from common.run_config import RunConfig
+from common.sampling import sample
+
+log = logging.getLogger("fedmri.server")
+
+SITE_COLUMNS = (
+    "n_generated", "n_heldout_subjects", "fd", "fd_real", "ms_ssim", "ms_ssim_real", "adherence_modality",
+    "adherence_real_modality", "adherence_pathology", "adherence_real_pathology", "adherence_field",
+    "adherence_real_field", "memorized",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What the server asks every site to do with the release."""
+
+    samples_per_condition: int = 16
+    steps: int = 20
+    guidance_scale: float = 3.0
+    seed: int = 0
+    min_subjects: int = 2
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({k.replace("_", "-"): v for k, v in self.__dict__.items()})
+
+
+def release_message_content(ldm: LDM, configs: dict[str, str], request: EvalRequest) -> RecordDict:
+    """The release as arrays (VAE and denoiser), its JSON files (architecture, settings) and the request."""
+    config = request.to_config()
+    config["model-configs"] = json.dumps(configs)
+    return RecordDict(
+        {
+            "vae": ArrayRecord(ldm.vae.state_dict()),
+            "denoiser": ArrayRecord(ldm.denoiser.state_dict()),
+            "config": config,
+        }
+    )
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= count or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def collect_site_results(
+    grid: Grid, ldm: LDM, configs: dict[str, str], request: EvalRequest, min_nodes: int, timeout: float
+) -> dict:
+    """{site_id: {key: value}} from every site that answered; errors are logged and listed under 'errors'."""
+    nodes = wait_for_nodes(grid, min_nodes, timeout)
+    content = release_message_content(ldm, configs, request)
+    messages = [Message(content=content, dst_node_id=node, message_type="evaluate") for node in nodes]
+    results: dict[str, dict[str, float]] = {}
+    errors: dict[str, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            errors[str(reply.metadata.src_node_id)] = reply.error.reason
+            log.warning("evaluation failed at node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        site_id = str(reply.content["reply"]["site-id"])
+        results[site_id] = dict(reply.content["metrics"])
+    return {"sites": results, "errors": errors}
+
+
+def site_rows(results: dict[str, dict[str, float]]) -> list[dict]:
+    """One row per (site, modality, pathology) from the flat "<modality>/<pathology>/<key>" metrics."""
+    rows = []
+    for site_id, metrics in sorted(results.items()):
+        conditions = sorted({tuple(k.split("/")[:2]) for k in metrics if k.count("/") == 2})
+        for modality, pathology in conditions:
+            row: dict = {"site": site_id, "modality": modality, "pathology": pathology}
+            row.update({c: metrics.get(f"{modality}/{pathology}/{c}", float("nan")) for c in SITE_COLUMNS})
+            rows.append(row)
+    return rows
+
+
+def utility_rows(results: dict[str, dict[str, float]]) -> list[dict]:
+    return [
+        {"site": site_id, **{k.removeprefix("utility_"): v for k, v in m.items() if k.startswith("utility_")}}
+        for site_id, m in sorted(results.items())
+        if "utility_real_only" in m
+    ]
+
+
+def held_combinations(results: dict[str, dict[str, float]]) -> dict[tuple[str, str, int], list[str]]:
+    """(modality, pathology, field class) -> the sites that hold it in training ("held/..." flags)."""
+    held: dict[tuple[str, str, int], list[str]] = {}
+    for site_id, metrics in results.items():
+        for key in metrics:
+            if key.startswith("held/"):
+                _, modality, pathology, field = key.split("/")
+                held.setdefault((modality, pathology, int(field)), []).append(site_id)
+    return held
+
+
+def grid_adherence(
+    ldm: LDM,
+    evaluator: Evaluator,
+    held: dict[tuple[str, str, int], list[str]],
+    samples: int,
+    steps: int,
+    seed: int = 0,
+    progress=None,
+) -> list[dict]:
+    """Adherence of every modality x pathology x field-strength combination, generated at mid-brain."""
+    requests = [
+        (m, p, f) for f, tesla in enumerate(FIELD_CLASSES) for m in Modality for p in Pathology for _ in range(samples)
+    ]
+    conditions = torch.stack(
+        [
+            conditions_to_vector(
+                Conditions(modality=m, pathology=p, field_strength=FIELD_CLASSES[f], slice_position=0.55)
+            )
+            for m, p, f in requests
+        ]
+    )
+    images = sample(ldm, conditions, steps, 3.0, "dpm++", seed, batch_size=32, progress=progress)[:, 0].numpy()
+    predicted = evaluator.predict(images)
+    rows = []
+    for start in range(0, len(requests), samples):
+        m, p, f = requests[start]
+        part = slice(start, start + samples)
+        sites = held.get((m.value, p.value, f), [])
+        rows.append(
+            {
+                "modality": m.value,
+                "pathology": p.value,
+                "field_T": FIELD_CLASSES[f],
+                "held_by": "+".join(sorted(sites)) or "none (unseen)",
+                "n": samples,
+                "adherence_modality": adherence(predicted["modality"][part], np.full(samples, m.ordinal)),
+                "adherence_pathology": adherence(predicted["pathology"][part], np.full(samples, p.ordinal)),
+                "adherence_field": adherence(predicted["field"][part], np.full(samples, f)),
+            }
+        )
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """Mean adherence per head over all combinations, over held ones and over unseen ones."""
+    out: dict[str, float] = {}
+    for part, chosen in (
+        ("all", rows),
+        ("held", [r for r in rows if not r["held_by"].startswith("none")]),
+        ("unseen", [r for r in rows if r["held_by"].startswith("none")]),
+    ):
+        for head in HEADS:
+            if chosen:
+                out[f"{part}_{head}"] = float(np.mean([r[f"adherence_{head}"] for r in chosen]))
+    return out
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "" if np.isnan(value) else f"{value:.3g}"
+    return str(value)
+
+
+def write_table(rows: list[dict], stem: Path) -> tuple[Path, Path]:
+    """stem.csv and stem.md with the same rows."""
+    columns = list(rows[0]) if rows else []
+    with open(stem.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem.with_suffix(".csv"), stem.with_suffix(".md")
+
+
+def plot_report(site: list[dict], grid: list[dict], utility: list[dict], path: Path) -> Path:
+    """One PNG: adherence heat maps per field strength, FD per site/condition, and few-shot utility."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
+    modalities, pathologies = [m.value for m in Modality], [p.value for p in Pathology]
+    for ax, tesla in zip(axes[0], FIELD_CLASSES, strict=True):
+        table = np.full((len(modalities), len(pathologies)), np.nan)
+        unseen = np.zeros_like(table, dtype=bool)
+        for r in grid:
+            if r["field_T"] == tesla:
+                i, j = modalities.index(r["modality"]), pathologies.index(r["pathology"])
+                table[i, j] = r["adherence_modality"]
+                unseen[i, j] = r["held_by"].startswith("none")
+        ax.imshow(table, vmin=0, vmax=1, cmap="viridis")
+        for i in range(len(modalities)):
+            for j in range(len(pathologies)):
+                if not np.isnan(table[i, j]):
+                    label = f"{table[i, j]:.0%}" + ("*" if unseen[i, j] else "")
+                    ax.text(j, i, label, ha="center", va="center", color="w", fontsize=8)
+        ax.set_xticks(range(len(pathologies)), pathologies, fontsize=8)
+        ax.set_yticks(range(len(modalities)), modalities, fontsize=8)
+        ax.set_title(f"modality adherence at {tesla:g} T (* unseen)", fontsize=9)
+    labels = [f"{r['site']}\n{r['modality']}/{r['pathology']}" for r in site]
+    x = np.arange(len(site))
+    axes[1, 0].bar(x - 0.2, [r["fd"] for r in site], 0.4, label="generated vs held-out")
+    axes[1, 0].bar(x + 0.2, [r["fd_real"] for r in site], 0.4, label="training vs held-out (floor)")
+    axes[1, 0].set_xticks(x, labels, fontsize=5, rotation=90)
+    axes[1, 0].set_title("Fréchet distance (evaluator features)", fontsize=9)
+    axes[1, 0].legend(fontsize=7)
+    axes[1, 1].bar(x - 0.2, [r["ms_ssim"] for r in site], 0.4, label="generated pairs")
+    axes[1, 1].bar(x + 0.2, [r["ms_ssim_real"] for r in site], 0.4, label="held-out pairs")
+    axes[1, 1].set_xticks(x, labels, fontsize=5, rotation=90)
+    axes[1, 1].set_title("MS-SSIM within a condition (lower = more diverse)", fontsize=9)
+    axes[1, 1].legend(fontsize=7)
+    u = np.arange(len(utility))
+    axes[1, 2].bar(u - 0.2, [r["real_only"] for r in utility], 0.4, label="k real only")
+    axes[1, 2].bar(u + 0.2, [r["with_synthetic"] for r in utility], 0.4, label="k real + synthetic")
+    axes[1, 2].set_xticks(u, [r["site"] for r in utility], fontsize=8)
+    axes[1, 2].set_ylim(0, 1)
+    axes[1, 2].set_title("few-shot contrast classifier, held-out accuracy", fontsize=9)
+    axes[1, 2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
+    """Verify and load the release, evaluate at every site and over the grid; write the report into run-dir."""
+    from common.evaluator import load_evaluator
+    from common.model import load_ldm, model_configs
+    from common.release import MANIFEST, verify_release
+
+    model = Path(run.eval_model)
+    if (model / MANIFEST).exists():
+        verify_release(model)  # raises ReleaseError naming what does not check
+        log.info("release %s verified", model)
+    ldm = load_ldm(model)
+    request = EvalRequest(run.eval_samples, run.eval_steps, 3.0, run.seed, run.eval_min_subjects)
+    start = time.time()
+    collected = collect_site_results(grid, ldm, model_configs(model), request, run.min_train_nodes, run.round_timeout)
+    sites = collected["sites"]
+    log.info("evaluation: %d sites answered in %.0f s", len(sites), time.time() - start)
+    grid_rows = grid_adherence(
+        ldm, load_evaluator(), held_combinations(sites), run.eval_grid_samples, run.eval_steps, run.seed
+    )
+    out = Path(run.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        *write_table(site_rows(sites), out / "evaluation_sites"),
+        *write_table(grid_rows, out / "evaluation_adherence"),
+        *write_table(utility_rows(sites), out / "evaluation_utility"),
+        plot_report(site_rows(sites), grid_rows, utility_rows(sites), out / "evaluation.png"),
+    ]
+    summary = {
+        "model": str(model),
+        "sites": sorted(sites),
+        "errors": collected["errors"],
+        "adherence": summarize(grid_rows),
+        "request": request.__dict__,
+        "wall_s": round(time.time() - start, 1),
+    }
+    (out / "evaluation.json").write_text(json.dumps(summary, indent=2))
+    return [*written, out / "evaluation.json"]

@@ -1,0 +1,394 @@
+"""`fedmri bench`: speed, memory, bytes and scale, measured as ratios within one run.
+
+Every comparison uses the same model (the shipped base) and the same batch:
+- dp_step_over_plain_step: median wall time of a DP-SGD step (client/trainer.make_private, the
+  one place Opacus is called) over a plain autograd step, per fine-tuning mode, alternating the
+  two so that machine noise hits both; peak memory of each in a fresh process (ru_maxrss of that
+  process minus its resident size just before the first step).
+- upload_bytes_per_round: the bytes of the ArrayRecord a site sends (its trainable tensors).
+- federation_overhead: round 2 of a one-site simulation (Flower Simulation Engine, warm actor)
+  over the same site round run standalone (client.round.run_site_round, warm data cache).
+- sampler_speedup: DDPM with 1000 steps over DPM-Solver++ with 20, both with the evaluator's
+  adherence on the same prompts.
+- scale: peak resident memory of the whole process tree and round wall time of a simulation of
+  5, 20 and 50 `many-small` sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+MODES = ("full", "attention", "lora")
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+# ---- steps ---------------------------------------------------------------------------------
+
+
+def _step_setup(mode: str, batch: int, seed: int = 0):
+    """The shipped base in `mode`, a fixed batch of public-looking inputs and a step function factory."""
+    import torch
+
+    from common.finetune import configure, parse_mode
+    from common.model import load_ldm
+    from common.weights import base_model_dir
+
+    torch.manual_seed(seed)
+    ldm = load_ldm(base_model_dir())
+    configure(ldm.denoiser, parse_mode(mode), 4)
+    latents = torch.randn(batch, 4, ldm.latent_size, ldm.latent_size)  # -> [B, 4, 16, 16]
+    conditions = torch.zeros(batch, 7)
+    conditions[:, 2] = 1.5
+    conditions[:, 3:6] = float("nan")
+    conditions[:, 6] = 0.5
+    return ldm, latents, conditions
+
+
+def make_step(mode: str, batch: int, dp: bool) -> Callable[[], float]:
+    """A closure running one optimizer step on the fixed batch, with or without DP-SGD."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.policy import RoundPlan
+    from client.trainer import make_private
+    from common.objective import ldm_loss
+
+    ldm, latents, conditions = _step_setup(mode, batch)
+    generator = torch.Generator().manual_seed(0)
+    model: torch.nn.Module = ldm.denoiser.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-5)
+    if dp:
+        plan = RoundPlan(
+            local_steps=1, expected_batch_size=batch, sample_rate=batch / 64, noise_multiplier=1.0,
+            max_grad_norm=1.0, learning_rate=1e-5,
+        )  # fmt: skip
+        loader = DataLoader(TensorDataset(latents, conditions), batch_size=batch)
+        model, optimizer, _ = make_private(model, optimizer, loader, plan)
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = ldm_loss(model, ldm.scheduler, latents, conditions, generator, 0.1, 5.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def dp_step_timing(modes: tuple[str, ...], batch: int, repeats: int) -> dict:
+    """Median seconds per plain and DP step, alternating them after one warm-up step each."""
+    out = {}
+    for mode in modes:
+        plain, private = make_step(mode, batch, dp=False), make_step(mode, batch, dp=True)
+        plain(), private()
+        times: dict[str, list[float]] = {"plain": [], "dp": []}
+        for _ in range(repeats):
+            times["plain"].append(plain())
+            times["dp"].append(private())
+        p, d = statistics.median(times["plain"]), statistics.median(times["dp"])
+        out[mode] = {"plain_step_s": round(p, 4), "dp_step_s": round(d, 4), "ratio": round(d / p, 3)}
+    return out
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _memory_worker(mode: str, batch: int, dp: bool, steps: int) -> None:
+    """Run in a fresh process: print the resident KiB before the first step."""
+    step = make_step(mode, batch, dp)
+    before = _rss_kib()
+    for _ in range(steps):
+        step()
+    print(json.dumps({"rss_before_kib": before}))
+
+
+def step_memory(modes: tuple[str, ...], batch: int, steps: int = 2) -> dict:
+    """Peak resident memory a step adds (ru_maxrss - resident size before stepping), plain vs DP."""
+    out = {}
+    for mode in modes:
+        peaks = {}
+        for dp in (False, True):
+            command = [sys.executable, "-m", "simulation.bench", "--worker", "memory", "--mode", mode,
+                       "--batch", str(batch), "--steps", str(steps), *(["--dp"] if dp else [])]  # fmt: skip
+            proc = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            assert proc.stdout is not None
+            output = proc.stdout.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            if status != 0:
+                raise RuntimeError(f"memory worker {' '.join(command)} failed with status {status}")
+            before = json.loads(output.decode().strip().splitlines()[-1])["rss_before_kib"]
+            peaks["dp" if dp else "plain"] = (usage.ru_maxrss - before) / 1024, usage.ru_maxrss / 1024
+        out[mode] = {
+            "plain_step_peak_mib": round(peaks["plain"][0], 1),
+            "dp_step_peak_mib": round(peaks["dp"][0], 1),
+            "ratio": round(peaks["dp"][0] / max(peaks["plain"][0], 1e-6), 3),
+            "plain_process_peak_mib": round(peaks["plain"][1], 1),
+            "dp_process_peak_mib": round(peaks["dp"][1], 1),
+        }
+    return out
+
+
+def upload_bytes(modes: tuple[str, ...]) -> dict:
+    """Bytes of the ArrayRecord a site sends per round in each mode, and each mode's ratio to full."""
+    from flwr.app import ArrayRecord
+
+    from common.finetune import configure, parse_mode, trainable_tensors
+    from common.model import load_ldm
+    from common.weights import base_model_dir
+
+    sizes = {}
+    for mode in modes:
+        ldm = load_ldm(base_model_dir())
+        configure(ldm.denoiser, parse_mode(mode), 4)
+        record = ArrayRecord(trainable_tensors(ldm.denoiser))
+        sizes[mode] = sum(len(array.data) for array in record.values())
+    full = sizes.get("full")
+    return {mode: {"bytes": n, "full_over_mode": round(full / n, 1) if full else None} for mode, n in sizes.items()}
+
+
+# ---- federation ----------------------------------------------------------------------------
+
+
+def _tree_rss_kib(root: int) -> int:
+    """Resident KiB of `root` and every descendant (read from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE") // 1024
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def simulate_sites(yaml_paths: list[Path], rounds: int, steps: int, batch: int, out: Path) -> dict:
+    """A simulation in a fresh process (its own Ray); returns its round records and peak tree RSS."""
+    command = [sys.executable, "-m", "simulation.bench", "--worker", "simulate", "--out", str(out),
+               "--rounds", str(rounds), "--steps", str(steps), "--batch", str(batch),
+               "--sites", ",".join(str(p) for p in yaml_paths)]  # fmt: skip
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_rss_kib(proc.pid))
+            stop.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    _, stderr = proc.communicate()
+    stop.set()
+    watcher.join()
+    wall = time.perf_counter() - start
+    metrics = out / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if proc.returncode != 0 or len(records) != rounds:
+        raise RuntimeError(f"simulation of {len(yaml_paths)} sites failed:\n{stderr.decode()[-3000:]}")
+    return {"records": records, "peak_rss_mib": round(peak / 1024, 1), "wall_s": round(wall, 1)}
+
+
+def _simulate_worker(sites: str, rounds: int, steps: int, batch: int, out: Path) -> None:
+    from common.run_config import RunConfig
+    from simulation.engine import run_simulation
+
+    run = RunConfig(
+        num_server_rounds=rounds, local_steps=steps, batch_size=batch, run_dir=str(out), sites=sites,
+        min_train_nodes=len(sites.split(",")), round_timeout=3600.0,
+    )  # fmt: skip
+    run_simulation(run, len(sites.split(",")))
+
+
+def bench_sites(work: Path, count: int, subjects: int) -> list[Path]:
+    """`count` many-small sites with `subjects` subjects each, their ledgers under `work`."""
+    import dataclasses
+
+    from sites import scenarios
+    from sites.cli import make_scenario_sites
+
+    hospitals = scenarios.create("many-small").hospitals[:count]
+    hospitals = [
+        dataclasses.replace(h, privacy=dataclasses.replace(h.privacy, max_epsilon=1e6, max_local_steps=10_000))
+        for h in hospitals
+    ]  # the bench measures speed: no budget should stop a site
+    return make_scenario_sites(hospitals, work / "sites", contact_sheets=False, subjects=subjects)
+
+
+def federation_overhead(work: Path, steps: int, batch: int) -> dict:
+    """Round 2 of a one-site simulation over the same round at the site, run standalone."""
+    import shutil
+
+    from client.policy import Proposal
+    from client.round import run_site_round
+    from client.trainer import TrainSettings
+    from common.finetune import FinetuneMode, configure, trainable_tensors
+    from common.model import load_ldm
+    from common.weights import base_model_dir
+
+    base = load_ldm(base_model_dir())
+    configure(base.denoiser, FinetuneMode.attention, 4)
+    global_tensors = trainable_tensors(base.denoiser)  # what the server sends in round 1
+    (yaml_path,) = bench_sites(work, 1, 12)
+    simulated = simulate_sites([yaml_path], 2, steps, batch, work / "federation")
+    round_s = simulated["records"][1]["wall_s"]
+    shutil.rmtree(yaml_path.parent / ".fedmri-ledger", ignore_errors=True)
+
+    def standalone(server_round: int) -> float:
+        start = time.perf_counter()
+        proposal = Proposal(server_round, 2, steps, batch, 1e-4)
+        run_site_round(
+            str(yaml_path), 1, proposal, global_tensors, "shipped", FinetuneMode.attention, 4, TrainSettings(), 0
+        )
+        return time.perf_counter() - start
+
+    standalone(1)  # warm-up: reads the site's data once, as the simulation's actor did in round 1
+    alone = standalone(2)
+    return {
+        "ratio": round(round_s / alone, 3),
+        "simulated_round_s": round_s,
+        "standalone_round_s": round(alone, 2),
+        "local_steps": steps,
+        "batch_size": batch,
+    }
+
+
+def scale(work: Path, counts: tuple[int, ...], subjects: int, steps: int, batch: int) -> dict:
+    out = {}
+    for count in counts:
+        yaml_paths = bench_sites(work, count, subjects)
+        result = simulate_sites(yaml_paths, 1, steps, batch, work / f"scale-{count}")
+        out[str(count)] = {
+            "peak_rss_mib": result["peak_rss_mib"],
+            "round_wall_s": result["records"][0]["wall_s"],
+            "accepted": result["records"][0]["accepted"],
+            "process_wall_s": result["wall_s"],
+        }
+    return out
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+
+def sampler_speedup(n: int, fast_steps: int = 20, ddpm_steps: int = 1000) -> dict:
+    """DDPM (1000 steps) over DPM-Solver++ (20 steps) wall time, with modality adherence of each."""
+    import numpy as np
+    import torch
+
+    from common.conditions import Conditions, Modality
+    from common.evaluator import load_evaluator
+    from common.metrics import adherence
+    from common.model import load_ldm
+    from common.prompts import conditions_to_vector
+    from common.sampling import sample
+    from common.weights import base_model_dir
+
+    ldm, evaluator = load_ldm(base_model_dir()), load_evaluator()
+    modalities = [list(Modality)[i % len(Modality)] for i in range(n)]
+    conditions = torch.stack(
+        [conditions_to_vector(Conditions(modality=m, field_strength=1.5, slice_position=0.55)) for m in modalities]
+    )
+    requested = np.array([m.ordinal for m in modalities])
+    out: dict = {}
+    for name, sampler, steps in (("dpm++", "dpm++", fast_steps), ("ddpm", "ddpm", ddpm_steps)):
+        start = time.perf_counter()
+        images = sample(ldm, conditions, steps, 3.0, sampler, seed=0, batch_size=n)[:, 0].numpy()
+        wall = time.perf_counter() - start
+        out[name] = {
+            "steps": steps,
+            "wall_s": round(wall, 2),
+            "modality_adherence": adherence(evaluator.predict(images)["modality"], requested),
+        }
+    out["speedup"] = round(out["ddpm"]["wall_s"] / out["dpm++"]["wall_s"], 1)
+    out["samples"] = n
+    return out
+
+
+# ---- entry ---------------------------------------------------------------------------------
+
+
+def run_bench(quick: bool, work: Path | None = None, progress: Callable[[str], None] = print) -> dict:
+    """Every measurement, in one run; `quick` shrinks repeats, steps and site counts (about 2 minutes)."""
+    work = work or Path(tempfile.mkdtemp(prefix="fedmri-bench-"))
+    start = time.perf_counter()
+    result: dict = {"quick": quick, "machine": machine()}
+    batch = 8 if quick else 16
+    progress("DP vs plain steps")
+    timing = dp_step_timing(MODES, batch, 3 if quick else 10)
+    memory = step_memory(("attention",) if quick else MODES, batch)
+    result["dp_step_over_plain_step"] = {mode: {**timing[mode], "peak_memory": memory.get(mode)} for mode in MODES}
+    result["dp_step_over_plain_step"]["batch_size"] = batch
+    progress("upload bytes")
+    result["upload_bytes_per_round"] = upload_bytes(MODES)
+    progress("federation overhead")
+    result["federation_overhead"] = federation_overhead(work, 5 if quick else 30, 4)
+    progress("samplers")
+    result["sampler_speedup"] = sampler_speedup(2 if quick else 10)
+    progress("scale")
+    result["scale"] = scale(work, (5,) if quick else (5, 20, 50), 4 if quick else 12, 1 if quick else 2, 4)
+    result["scale"]["scenario"] = "many-small"
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["work_dir"] = str(work)
+    return result
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="fedmri bench worker processes (use `fedmri bench`).")
+    parser.add_argument("--worker", choices=("memory", "simulate"), required=True)
+    parser.add_argument("--mode", default="attention")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--dp", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--sites", default="")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.worker == "memory":
+        _memory_worker(args.mode, args.batch, args.dp, args.steps)
+    else:
+        _simulate_worker(args.sites, args.rounds, args.steps, args.batch, args.out)
+
+
+if __name__ == "__main__":
+    _main()
