@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -116,42 +117,43 @@ def dp_step_timing(modes: tuple[str, ...], batch: int, repeats: int) -> dict:
     return out
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _status_kib(field: str) -> int:
+    """VmRSS or VmHWM (peak resident size) of this process, from /proc/self/status (Linux)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _memory_worker(mode: str, batch: int, dp: bool, steps: int) -> None:
-    """Run in a fresh process: print the resident KiB before the first step."""
+    """Run in a fresh process: reset the peak, step, print the peak resident KiB the steps added."""
     step = make_step(mode, batch, dp)
-    before = _rss_kib()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
     for _ in range(steps):
         step()
-    print(json.dumps({"rss_before_kib": before}))
+    print(json.dumps({"rss_before_kib": before, "peak_kib": _status_kib("VmHWM")}))
 
 
 def step_memory(modes: tuple[str, ...], batch: int, steps: int = 2) -> dict:
-    """Peak resident memory a step adds (ru_maxrss - resident size before stepping), plain vs DP."""
+    """Peak resident memory the steps add above the loaded model (VmHWM after - VmRSS before), plain vs DP."""
     out = {}
     for mode in modes:
-        peaks = {}
+        added = {}
         for dp in (False, True):
             command = [sys.executable, "-m", "simulation.bench", "--worker", "memory", "--mode", mode,
                        "--batch", str(batch), "--steps", str(steps), *(["--dp"] if dp else [])]  # fmt: skip
-            proc = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            assert proc.stdout is not None
-            output = proc.stdout.read()
-            _, status, usage = os.wait4(proc.pid, 0)
-            if status != 0:
-                raise RuntimeError(f"memory worker {' '.join(command)} failed with status {status}")
-            before = json.loads(output.decode().strip().splitlines()[-1])["rss_before_kib"]
-            peaks["dp" if dp else "plain"] = (usage.ru_maxrss - before) / 1024, usage.ru_maxrss / 1024
+            done = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"memory worker {' '.join(command)} failed:\n{done.stderr[-2000:]}")
+            report = json.loads(done.stdout.strip().splitlines()[-1])
+            added["dp" if dp else "plain"] = (report["peak_kib"] - report["rss_before_kib"]) / 1024
         out[mode] = {
-            "plain_step_peak_mib": round(peaks["plain"][0], 1),
-            "dp_step_peak_mib": round(peaks["dp"][0], 1),
-            "ratio": round(peaks["dp"][0] / max(peaks["plain"][0], 1e-6), 3),
-            "plain_process_peak_mib": round(peaks["plain"][1], 1),
-            "dp_process_peak_mib": round(peaks["dp"][1], 1),
+            "plain_step_peak_mib": round(added["plain"], 1),
+            "dp_step_peak_mib": round(added["dp"], 1),
+            "ratio": round(added["dp"] / max(added["plain"], 1e-6), 3),
         }
     return out
 
@@ -205,6 +207,10 @@ def simulate_sites(yaml_paths: list[Path], rounds: int, steps: int, batch: int, 
     command = [sys.executable, "-m", "simulation.bench", "--worker", "simulate", "--out", str(out),
                "--rounds", str(rounds), "--steps", str(steps), "--batch", str(batch),
                "--sites", ",".join(str(p) for p in yaml_paths)]  # fmt: skip
+    import shutil
+
+    for ledgers in {p.parent / ".fedmri-ledger" for p in yaml_paths}:
+        shutil.rmtree(ledgers, ignore_errors=True)  # the bench's own sites: every run starts unspent
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -227,6 +233,12 @@ def simulate_sites(yaml_paths: list[Path], rounds: int, steps: int, batch: int, 
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if proc.returncode != 0 or len(records) != rounds:
         raise RuntimeError(f"simulation of {len(yaml_paths)} sites failed:\n{stderr.decode()[-3000:]}")
+    for record in records:
+        failed = {site: v["status"] for site, v in record["sites"].items() if v["status"] != "trained"}
+        if failed or record["accepted"] != len(yaml_paths):
+            raise RuntimeError(
+                f"round {record['round']}: not every site trained, so its time is not comparable: {failed}"
+            )
     return {"records": records, "peak_rss_mib": round(peak / 1024, 1), "wall_s": round(wall, 1)}
 
 
@@ -242,7 +254,7 @@ def _simulate_worker(sites: str, rounds: int, steps: int, batch: int, out: Path)
 
 
 def bench_sites(work: Path, count: int, subjects: int) -> list[Path]:
-    """`count` many-small sites with `subjects` subjects each, their ledgers under `work`."""
+    """`count` many-small sites with `subjects` subjects each, under work/sites-<subjects>."""
     import dataclasses
 
     from sites import scenarios
@@ -253,10 +265,10 @@ def bench_sites(work: Path, count: int, subjects: int) -> list[Path]:
         dataclasses.replace(h, privacy=dataclasses.replace(h.privacy, max_epsilon=1e6, max_local_steps=10_000))
         for h in hospitals
     ]  # the bench measures speed: no budget should stop a site
-    return make_scenario_sites(hospitals, work / "sites", contact_sheets=False, subjects=subjects)
+    return make_scenario_sites(hospitals, work / f"sites-{subjects}", contact_sheets=False, subjects=subjects)
 
 
-def federation_overhead(work: Path, steps: int, batch: int) -> dict:
+def federation_overhead(work: Path, steps: int, batch: int, subjects: int = 12) -> dict:
     """Round 2 of a one-site simulation over the same round at the site, run standalone."""
     import shutil
 
@@ -270,7 +282,7 @@ def federation_overhead(work: Path, steps: int, batch: int) -> dict:
     base = load_ldm(base_model_dir())
     configure(base.denoiser, FinetuneMode.attention, 4)
     global_tensors = trainable_tensors(base.denoiser)  # what the server sends in round 1
-    (yaml_path,) = bench_sites(work, 1, 12)
+    (yaml_path,) = bench_sites(work, 1, subjects)
     simulated = simulate_sites([yaml_path], 2, steps, batch, work / "federation")
     round_s = simulated["records"][1]["wall_s"]
     shutil.rmtree(yaml_path.parent / ".fedmri-ledger", ignore_errors=True)
@@ -325,7 +337,8 @@ def sampler_speedup(n: int, fast_steps: int = 20, ddpm_steps: int = 1000) -> dic
     from common.weights import base_model_dir
 
     ldm, evaluator = load_ldm(base_model_dir()), load_evaluator()
-    modalities = [list(Modality)[i % len(Modality)] for i in range(n)]
+    cycle = (Modality.T2w, Modality.FLAIR, Modality.PDw, Modality.T1w, Modality.T1ce)  # T1w/T1ce last: see README
+    modalities = [cycle[i % len(cycle)] for i in range(n)]
     conditions = torch.stack(
         [conditions_to_vector(Conditions(modality=m, field_strength=1.5, slice_position=0.55)) for m in modalities]
     )
@@ -348,26 +361,56 @@ def sampler_speedup(n: int, fast_steps: int = 20, ddpm_steps: int = 1000) -> dic
 # ---- entry ---------------------------------------------------------------------------------
 
 
-def run_bench(quick: bool, work: Path | None = None, progress: Callable[[str], None] = print) -> dict:
-    """Every measurement, in one run; `quick` shrinks repeats, steps and site counts (about 2 minutes)."""
+@dataclass(frozen=True)
+class BenchSizes:
+    """How much work each measurement does. `quick` takes about 3 minutes on 2 cores."""
+
+    batch: int = 16
+    step_repeats: int = 10
+    memory_modes: tuple[str, ...] = MODES
+    overhead_steps: int = 30
+    sampler_samples: int = 10
+    ddpm_steps: int = 1000
+    scale_counts: tuple[int, ...] = (5, 20, 50)
+    scale_subjects: int = 12
+    scale_steps: int = 2
+
+    @classmethod
+    def quick(cls) -> BenchSizes:
+        return cls(8, 3, ("attention",), 5, 3, 1000, (5,), 4, 1)
+
+
+def run_bench(sizes: BenchSizes, work: Path | None = None, progress: Callable[[str], None] = print) -> dict:
+    """Every measurement, in one run, as one JSON-ready dict."""
     work = work or Path(tempfile.mkdtemp(prefix="fedmri-bench-"))
     start = time.perf_counter()
-    result: dict = {"quick": quick, "machine": machine()}
-    batch = 8 if quick else 16
-    progress("DP vs plain steps")
-    timing = dp_step_timing(MODES, batch, 3 if quick else 10)
-    memory = step_memory(("attention",) if quick else MODES, batch)
-    result["dp_step_over_plain_step"] = {mode: {**timing[mode], "peak_memory": memory.get(mode)} for mode in MODES}
-    result["dp_step_over_plain_step"]["batch_size"] = batch
-    progress("upload bytes")
-    result["upload_bytes_per_round"] = upload_bytes(MODES)
-    progress("federation overhead")
-    result["federation_overhead"] = federation_overhead(work, 5 if quick else 30, 4)
-    progress("samplers")
-    result["sampler_speedup"] = sampler_speedup(2 if quick else 10)
-    progress("scale")
-    result["scale"] = scale(work, (5,) if quick else (5, 20, 50), 4 if quick else 12, 1 if quick else 2, 4)
-    result["scale"]["scenario"] = "many-small"
+    result: dict = {"sizes": asdict(sizes), "machine": machine()}
+    stages: dict[str, float] = {}
+
+    def stage(name: str, measure: Callable[[], dict]) -> dict:
+        progress(name)
+        began = time.perf_counter()
+        value = measure()
+        stages[name] = round(time.perf_counter() - began, 1)
+        return value
+
+    timing = stage("dp_step_timing", lambda: dp_step_timing(MODES, sizes.batch, sizes.step_repeats))
+    memory = stage("dp_step_memory", lambda: step_memory(sizes.memory_modes, sizes.batch))
+    result["dp_step_over_plain_step"] = {
+        **{mode: {**timing[mode], "peak_memory": memory.get(mode)} for mode in MODES},
+        "batch_size": sizes.batch,
+        "default_mode": "attention",
+    }
+    result["upload_bytes_per_round"] = stage("upload_bytes_per_round", lambda: upload_bytes(MODES))
+    result["federation_overhead"] = stage(
+        "federation_overhead", lambda: federation_overhead(work, sizes.overhead_steps, 4, sizes.scale_subjects)
+    )
+    result["sampler_speedup"] = stage(
+        "sampler_speedup", lambda: sampler_speedup(sizes.sampler_samples, ddpm_steps=sizes.ddpm_steps)
+    )
+    scaled = stage("scale", lambda: scale(work, sizes.scale_counts, sizes.scale_subjects, sizes.scale_steps, 4))
+    result["scale"] = {**scaled, "scenario": "many-small"}
+    result["stage_wall_s"] = stages
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["work_dir"] = str(work)
     return result

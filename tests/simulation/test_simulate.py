@@ -48,6 +48,24 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
     card = (release / "README.md").read_text()
     assert "any one patient of tiny-a changes the probability of any outcome" in card
     assert "synthetic hospital, 3 T" in card  # the declared coverage, read from the site YAML
+    # Federated evaluation of that release: each site on its held-out subject, aggregates only.
+    evaluation = tmp_path / "evaluation"
+    evaluated = CliRunner().invoke(app, ["evaluate", "--model", str(release), "--scenario", "tiny", "--sites",
+                                         str(tiny_sites), "--out", str(evaluation), "--samples", "2",
+                                         "--grid-samples", "1", "--steps", "2", "--min-subjects", "1"])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    summary = json.loads((evaluation / "evaluation.json").read_text())
+    assert summary["sites"] == ["tiny-a", "tiny-b"] and not summary["errors"]
+    for name in ("sites", "adherence", "utility"):
+        for suffix in (".csv", ".md"):
+            assert (evaluation / f"evaluation_{name}{suffix}").stat().st_size > 0
+    assert (evaluation / "evaluation.png").stat().st_size > 10_000
+    adherence_rows = (evaluation / "evaluation_adherence.csv").read_text().splitlines()
+    assert len(adherence_rows) == 1 + 5 * 4 * 3  # every modality x pathology x field combination
+    assert any("none (unseen)" in row for row in adherence_rows) and any("tiny-a" in row for row in adherence_rows)
+    site_rows = (evaluation / "evaluation_sites.csv").read_text()
+    assert "tiny-a" in site_rows and "tiny-b" in site_rows
+    assert list((tiny_sites / ".fedmri-eval" / "tiny-a").glob("closest_*.png"))  # stays at the site
     again = CliRunner().invoke(app, ["release", str(out), "--out", str(release)])
     assert again.exit_code == 2 and "not empty" in " ".join(again.output.split())
     rerun = CliRunner().invoke(app, args)

@@ -1,0 +1,48 @@
+"""`fedmri bench`: every key, measured for real at smoke sizes; stdout carries only the JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from simulation import bench
+from simulation.cli import app
+
+KEYS = ("dp_step_over_plain_step", "upload_bytes_per_round", "federation_overhead", "sampler_speedup", "scale",
+        "machine")  # fmt: skip
+
+
+def test_bench_measures_every_key_at_smoke_sizes(tmp_path: Path) -> None:
+    sizes = bench.BenchSizes(batch=2, step_repeats=1, memory_modes=("lora",), overhead_steps=1, sampler_samples=1,
+                             ddpm_steps=10, scale_counts=(2,), scale_subjects=3, scale_steps=1)  # fmt: skip
+    result = json.loads(json.dumps(bench.run_bench(sizes, tmp_path, progress=lambda _: None)))
+    assert all(key in result for key in KEYS)
+    steps = result["dp_step_over_plain_step"]
+    for mode in bench.MODES:
+        assert steps[mode]["dp_step_s"] > 0 and steps[mode]["plain_step_s"] > 0
+        assert steps[mode]["ratio"] == pytest.approx(steps[mode]["dp_step_s"] / steps[mode]["plain_step_s"], rel=0.01)
+    assert steps["lora"]["peak_memory"]["dp_step_peak_mib"] > 0
+    uploads = result["upload_bytes_per_round"]
+    assert uploads["full"]["bytes"] > uploads["attention"]["bytes"] > uploads["lora"]["bytes"] > 0
+    assert uploads["lora"]["full_over_mode"] >= 50  # the lora target holds by construction of rank-4 adapters
+    overhead = result["federation_overhead"]
+    assert overhead["ratio"] == pytest.approx(overhead["simulated_round_s"] / overhead["standalone_round_s"], rel=0.01)
+    sampler = result["sampler_speedup"]
+    assert sampler["ddpm"]["steps"] == 10 and 0 <= sampler["dpm++"]["modality_adherence"] <= 1
+    assert result["scale"]["2"]["accepted"] == 2 and result["scale"]["2"]["peak_rss_mib"] > 100
+    assert result["machine"]["cores"] >= 1 and result["machine"]["device"] in ("cpu", "cuda")
+
+
+def test_the_cli_prints_only_json_on_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    def noisy(sizes: bench.BenchSizes, work: Path | None, progress) -> dict:
+        print("a progress line that must not reach stdout")
+        progress("stage")
+        return {"quick": sizes == bench.BenchSizes.quick()}
+
+    monkeypatch.setattr(bench, "run_bench", noisy)
+    result = CliRunner().invoke(app, ["bench", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"quick": True}
