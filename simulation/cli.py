@@ -391,6 +391,10 @@ def demo(
     console.print(f"release (verified): {release_dir}  (model card: {release_dir / 'README.md'})")
     console.print(f"grid (0.3 T, every modality x pathology, from the release): {grid_dir / 'grid.png'}")
     console.print(f"plots: {run_dir / 'loss.png'}, {run_dir / 'epsilon.png'}\nsites and contact sheets: {sites_dir}")
+    console.print(
+        f"evaluate it at the sites (about 5 min): fedmri evaluate --model {release_dir} --scenario demo "
+        f"--sites {sites_dir} --out {out / 'evaluation'}"
+    )
 
 
 @app.command()
