@@ -211,6 +211,7 @@ def simulate_sites(yaml_paths: list[Path], rounds: int, steps: int, batch: int, 
 
     for ledgers in {p.parent / ".fedmri-ledger" for p in yaml_paths}:
         shutil.rmtree(ledgers, ignore_errors=True)  # the bench's own sites: every run starts unspent
+    shutil.rmtree(out, ignore_errors=True)  # the bench's own run folder, replaced on a re-run
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -695,7 +695,11 @@ def run_federation(
 def bench(
     quick: Annotated[bool, typer.Option(help="Fewer repeats, steps and sites: about 3 minutes on 2 cores.")] = False,
     work_dir: Annotated[
-        Path | None, typer.Option(help="Folder for the bench's sites and runs (default: a new temporary folder).")
+        Path | None,
+        typer.Option(
+            help="Folder for the bench's sites and runs (default: a new temporary folder). "
+            "A re-run there reuses the sites and replaces the runs."
+        ),
     ] = None,
 ) -> None:
     """Measure speed, memory, upload size and scale in one run; print one JSON object on stdout.
