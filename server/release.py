@@ -138,9 +138,10 @@ def model_card(
         "## Data (described, not included)",
         "",
         "No image, latent or per-subject statistic left any site. Each site trained on its own subjects; "
-        "only weight updates and the scalar terms of its privacy account travelled.",
+        "only weight updates and the scalar terms of its privacy account travelled. Subjects a site held out "
+        "for evaluation (`data.holdout_fraction`) were never trained on and are not counted here.",
         "",
-        "| site | subjects | declared coverage |",
+        "| site | training subjects | declared coverage |",
         "| --- | ---: | --- |",
     ]
     for a in accounts:
