@@ -693,7 +693,7 @@ def run_federation(
 
 @app.command()
 def bench(
-    quick: Annotated[bool, typer.Option(help="Fewer repeats, steps and sites: about 3 minutes on 2 cores.")] = False,
+    quick: Annotated[bool, typer.Option(help="Fewer repeats, steps and sites: about 2.5 minutes on 2 cores.")] = False,
     work_dir: Annotated[
         Path | None,
         typer.Option(
