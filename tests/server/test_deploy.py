@@ -209,7 +209,7 @@ def test_a_killed_node_is_left_out_and_rejoins_with_its_ledger(
             cluster.start_node(sites / f"{site}.yaml", site, site)
         out = tmp_path / "run"
         overrides = (
-            f"num-server-rounds=4 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=40.0 "
+            f"num-server-rounds=5 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=40.0 "
             f"base-model='{tiny_base}' run-dir='{out}'"
         )
         with open(tmp_path / "run.log", "w") as log:
@@ -233,16 +233,18 @@ def test_a_killed_node_is_left_out_and_rejoins_with_its_ledger(
                 assert node.returncode != 0
                 assert cluster.log("tiny-b").count("Failed to activate SuperNode") == refusals + 1
                 assert time.time() < deadline, cluster.log("tiny-b")[-3000:]
-                time.sleep(5)
+                time.sleep(1)
         assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-4000:]
 
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        assert [r["round"] for r in records] == [1, 2, 3, 4]
+        assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
         assert records[0]["accepted"] == 2
         assert records[1]["accepted"] == 1 and records[1]["sites"]["tiny-a"]["status"] == "trained"
         assert records[1]["sites"].get("tiny-b", {}).get("status") in (None, "error")
         rejoined = [r["round"] for r in records[2:] if r["sites"].get("tiny-b", {}).get("status") == "trained"]
-        assert rejoined, records  # back in round 3 or 4
+        # Back in round 3, 4 or 5. Reactivation waits for 2 missed heartbeats (30 s each) after the
+        # kill, and the one-site rounds are quick, so 4 rounds were sometimes over before it came back.
+        assert rejoined, [(r["round"], r["wall_s"], sorted(r["sites"])) for r in records]
 
         ledger = json.loads((sites / ".fedmri-ledger" / "tiny-b.json").read_text())  # parses: never torn
         trained = [e for e in ledger["entries"] if e["status"] == "trained"]
