@@ -8,10 +8,11 @@ import os
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.evaluate import EvalSettings, run_site_evaluation
+from client.evaluate import run_site_evaluation
 from client.policy import Proposal
 from client.round import run_site_round
 from client.trainer import TrainSettings
+from common.evaluator import EvalSettings
 from common.finetune import parse_mode
 from common.run_config import RunConfig
 
@@ -85,13 +86,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the sent release on this site's held-out subjects; only aggregates go back."""
     run = RunConfig.from_flower(dict(context.run_config))
     config = msg.content["config"]
-    settings = EvalSettings(
-        samples_per_condition=int(config["samples-per-condition"]),
-        steps=int(config["steps"]),
-        guidance_scale=float(config["guidance-scale"]),
-        seed=int(config["seed"]),
-        min_subjects=int(config["min-subjects"]),
-    )
+    settings = EvalSettings.from_config(config)
     site_id, metrics, _ = run_site_evaluation(
         site_yaml(context, run),
         json.loads(str(config["model-configs"])),

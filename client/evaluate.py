@@ -18,14 +18,13 @@ slices per modality, with and without the generated ones, scored on every held-o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.conditions import CONDITION_VECTOR, Modality, Pathology
-from common.evaluator import HEADS, Evaluator, field_class
+from common.evaluator import HEADS, EvalSettings, Evaluator, field_class
 from common.metrics import (
     adherence,
     downstream_utility,
@@ -44,17 +43,6 @@ CONDITION_KEYS = (
     *(f"adherence_{h}" for h in HEADS), *(f"adherence_real_{h}" for h in HEADS), "memorized",
 )  # fmt: skip
 UTILITY_KEYS = ("utility_k", "utility_synthetic_per_class", "utility_real_only", "utility_with_synthetic")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    samples_per_condition: int = 16
-    steps: int = 20  # DPM-Solver++ steps
-    guidance_scale: float = 3.0
-    seed: int = 0
-    min_subjects: int = 2  # a condition with fewer held-out subjects is not reported
-    few_shot_k: int = 3
-    few_shot_repeats: int = 3
 
 
 def conditions_of(slices: SiteSlices, rows: np.ndarray) -> torch.Tensor:
@@ -105,8 +93,8 @@ def evaluate_site(
             train = training.images[train_rows].astype(np.float32)
             train_sample = train[rng.choice(len(train), min(n, len(train)), replace=False)]
             real_sample = real[rng.choice(len(real), min(n, len(real)), replace=False)]
-            real_features = evaluator.features(real)
-            predicted, predicted_real = evaluator.predict(images), evaluator.predict(real)
+            features, predicted = evaluator.run(images)
+            real_features, predicted_real = evaluator.run(real)
             requested, requested_real = _labels(heldout, prompts), _labels(heldout, held_rows)
             audit = memorization_audit(images, train, real)
             save_closest_pairs(images, train, audit, private_dir / f"closest_{modality.value}_{pathology.value}.png")
@@ -114,7 +102,7 @@ def evaluate_site(
                 "n_generated": float(n),
                 "n_heldout_slices": float(len(held_rows)),
                 "n_heldout_subjects": float(subjects),
-                "fd": frechet_distance(evaluator.features(images), real_features),
+                "fd": frechet_distance(features, real_features),
                 "fd_real": frechet_distance(evaluator.features(train_sample), real_features),
                 "ms_ssim": pairwise_ms_ssim(images),
                 "ms_ssim_real": pairwise_ms_ssim(real_sample),

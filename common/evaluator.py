@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,28 @@ class EvaluatorConfig:
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """What the server asks each site to do with a release (sent as a flat config, read back here)."""
+
+    samples_per_condition: int = 16
+    steps: int = 20  # DPM-Solver++ steps
+    guidance_scale: float = 3.0
+    seed: int = 0
+    min_subjects: int = 2  # a condition with fewer held-out subjects is not reported
+    few_shot_k: int = 3
+    few_shot_repeats: int = 3
+
+    def to_config(self) -> dict[str, int | float]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> EvalSettings:
+        """Read to_config()'s keys back with each field's type; a missing key is an error."""
+        cast = {"int": int, "float": float}
+        return cls(**{f.name: cast[str(f.type)](config[f.name.replace("_", "-")]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
 class LabelledSlices:
     """Images [N, H, W] in [0, 1] with modality, pathology and field-class labels [N]."""
 
@@ -135,7 +157,8 @@ class Evaluator:
         self.provenance = provenance or {}
 
     @torch.no_grad()
-    def _run(self, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def run(self, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One pass: (features [N, F] float64, {head: [N] class index})."""
         feats: list[np.ndarray] = []
         logits: dict[str, list[np.ndarray]] = {name: [] for name in HEADS}
         for start in range(0, len(images), batch):
@@ -146,17 +169,17 @@ class Evaluator:
                 logits[name].append(head(f).numpy())
         empty = np.zeros((0, self.net.feature_dim), dtype=np.float32)
         return (
-            np.concatenate(feats) if feats else empty,
+            (np.concatenate(feats) if feats else empty).astype(np.float64),
             {name: np.concatenate(v).argmax(-1) if v else np.zeros(0, dtype=np.int64) for name, v in logits.items()},
         )
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """[N, H, W] -> [N, F] float64, the Fréchet-distance feature space."""
-        return self._run(images)[0].astype(np.float64)
+        return self.run(images)[0]
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """[N, H, W] -> {head: [N] class index} (modality/pathology ordinals, FIELD_CLASSES index)."""
-        return self._run(images)[1]
+        return self.run(images)[1]
 
 
 def accuracy(evaluator: Evaluator, data: LabelledSlices) -> dict[str, float]:

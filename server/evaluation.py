@@ -12,7 +12,7 @@ import csv
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.conditions import Conditions, Modality, Pathology
-from common.evaluator import FIELD_CLASSES, HEADS, Evaluator
+from common.evaluator import FIELD_CLASSES, HEADS, EvalSettings, Evaluator
 from common.metrics import adherence
 from common.model import LDM
 from common.prompts import conditions_to_vector
@@ -37,24 +37,9 @@ SITE_COLUMNS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class EvalRequest:
-    """What the server asks every site to do with the release."""
-
-    samples_per_condition: int = 16
-    steps: int = 20
-    guidance_scale: float = 3.0
-    seed: int = 0
-    min_subjects: int = 2
-
-    def to_config(self) -> ConfigRecord:
-        return ConfigRecord({k.replace("_", "-"): v for k, v in self.__dict__.items()})
-
-
-def release_message_content(ldm: LDM, configs: dict[str, str], request: EvalRequest) -> RecordDict:
+def release_message_content(ldm: LDM, configs: dict[str, str], request: EvalSettings) -> RecordDict:
     """The release as arrays (VAE and denoiser), its JSON files (architecture, settings) and the request."""
-    config = request.to_config()
-    config["model-configs"] = json.dumps(configs)
+    config = ConfigRecord({**request.to_config(), "model-configs": json.dumps(configs)})
     return RecordDict(
         {
             "vae": ArrayRecord(ldm.vae.state_dict()),
@@ -74,7 +59,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 
 
 def collect_site_results(
-    grid: Grid, ldm: LDM, configs: dict[str, str], request: EvalRequest, min_nodes: int, timeout: float
+    grid: Grid, ldm: LDM, configs: dict[str, str], request: EvalSettings, min_nodes: int, timeout: float
 ) -> dict:
     """{site_id: {key: value}} from every site that answered; errors are logged and listed under 'errors'."""
     nodes = wait_for_nodes(grid, min_nodes, timeout)
@@ -130,11 +115,10 @@ def grid_adherence(
     samples: int,
     steps: int,
     seed: int = 0,
-    progress=None,
 ) -> list[dict]:
     """Adherence of every modality x pathology x field-strength combination, generated at mid-brain."""
     requests = [
-        (m, p, f) for f, tesla in enumerate(FIELD_CLASSES) for m in Modality for p in Pathology for _ in range(samples)
+        (m, p, f) for f in range(len(FIELD_CLASSES)) for m in Modality for p in Pathology for _ in range(samples)
     ]
     conditions = torch.stack(
         [
@@ -144,7 +128,7 @@ def grid_adherence(
             for m, p, f in requests
         ]
     )
-    images = sample(ldm, conditions, steps, 3.0, "dpm++", seed, batch_size=32, progress=progress)[:, 0].numpy()
+    images = sample(ldm, conditions, steps, 3.0, "dpm++", seed, batch_size=32)[:, 0].numpy()
     predicted = evaluator.predict(images)
     rows = []
     for start in range(0, len(requests), samples):
@@ -261,7 +245,9 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         verify_release(model)  # raises ReleaseError naming what does not check
         log.info("release %s verified", model)
     ldm = load_ldm(model)
-    request = EvalRequest(run.eval_samples, run.eval_steps, 3.0, run.seed, run.eval_min_subjects)
+    request = EvalSettings(
+        samples_per_condition=run.eval_samples, steps=run.eval_steps, seed=run.seed, min_subjects=run.eval_min_subjects
+    )
     start = time.time()
     collected = collect_site_results(grid, ldm, model_configs(model), request, run.min_train_nodes, run.round_timeout)
     sites = collected["sites"]
@@ -282,7 +268,7 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         "sites": sorted(sites),
         "errors": collected["errors"],
         "adherence": summarize(grid_rows),
-        "request": request.__dict__,
+        "request": asdict(request),
         "wall_s": round(time.time() - start, 1),
     }
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2))

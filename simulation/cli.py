@@ -6,13 +6,17 @@ import dataclasses
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
 from rich.console import Console
 
 from sites.cli import app as sites_app
+
+if TYPE_CHECKING:
+    from common.evaluator import LabelledSlices
+    from sites.bids import SiteSlices
 
 app = typer.Typer(
     help="fedmri: federated, differentially private latent diffusion for brain MRI.",
@@ -108,7 +112,8 @@ def pretrain(
     console.print(f"base model written to {out} ({len(images)} public slices)")
 
 
-def labelled(slices) -> object:  # -> common.evaluator.LabelledSlices
+def labelled(slices: SiteSlices) -> LabelledSlices:
+    """A site's slices with the evaluator's three labels."""
     from common.evaluator import LabelledSlices, field_class
 
     return LabelledSlices(slices.images, slices.modality, slices.pathology, field_class(slices.field_strength))
