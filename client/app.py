@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -59,9 +58,8 @@ def train(msg: Message, context: Context) -> Message:
         mode=parse_mode(str(config["finetune-mode"])),
         lora_rank=int(config["lora-rank"]),
         settings=TrainSettings(proximal_mu=float(config.get("proximal-mu", 0.0))),
-        # The DP noise seed is drawn at the site and never shared: a server that knew it could
-        # regenerate the noise and remove it.
-        seed=int.from_bytes(os.urandom(4), "little"),
+        ledger_heads=json.loads(str(config.get("ledger-heads", "{}"))),
+        # Sampling and noise come from fresh 256-bit os.urandom keys drawn in the trainer, never shared.
     )
     content = RecordDict(
         {
@@ -72,6 +70,7 @@ def train(msg: Message, context: Context) -> Message:
                     "status": reply.status,
                     "notes": reply.notes or [""],
                     "accountant": reply.accountant,
+                    "entries": json.dumps(reply.entries),
                 }
             ),
         }
@@ -93,6 +92,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         msg.content["vae"].to_torch_state_dict(),
         msg.content["denoiser"].to_torch_state_dict(),
         settings,
+        run_id=context.run_id,
     )
     content = RecordDict({"metrics": MetricRecord(metrics), "reply": ConfigRecord({"site-id": site_id})})
     return Message(content=content, reply_to=msg)

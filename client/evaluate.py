@@ -17,6 +17,7 @@ slices per modality, with and without the generated ones, scored on every held-o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def evaluate_site(
     if not out:
         raise ValueError(
             f"no (modality, pathology) has {settings.min_subjects}+ held-out subjects here; "
-            "raise data.holdout_fraction or lower min-subjects"
+            "raise data.holdout_fraction or lower privacy.min_eval_subjects"
         )
     out.update(_utility(training, heldout, generated_by_modality, settings))
     return {k: v for k, v in out.items() if math.isfinite(v)}
@@ -172,16 +173,55 @@ def run_site_evaluation(
     vae: dict[str, torch.Tensor],
     denoiser: dict[str, torch.Tensor],
     settings: EvalSettings,
+    run_id: int = 0,
 ) -> tuple[str, dict[str, float], Path]:
-    """Rebuild the sent release, evaluate it, and return (site id, aggregates, folder of the private PNGs)."""
-    from client.round import site_data
+    """Rebuild the sent release, evaluate it, and return (site id, aggregates, folder of the private PNGs).
+
+    The site's policy decides whether it answers at all and the minimum held-out cohort behind any
+    figure (the server's `min_subjects` can only raise it). The answer is recorded in the site's
+    ledger as not covered by DP, with its cohort size, before it leaves.
+    """
+    from client.ledger import Ledger, LedgerEntry, now
+    from client.round import ledger_terms, open_ledger, site_data
     from common.evaluator import load_evaluator
     from common.model import ldm_from_parts
+    from common.signed_entries import tensor_digest
 
     site, training, heldout = site_data(yaml_path)
+    policy = site.privacy
+    if not policy.evaluate:
+        raise PermissionError(f"site {site.site_id}: its privacy policy (privacy.evaluate: false) declines evaluation")
+    settings = dataclasses.replace(settings, min_subjects=max(settings.min_subjects, policy.min_eval_subjects))
+    cohort = len(heldout.subjects)
+    if cohort < settings.min_subjects:
+        raise PermissionError(
+            f"site {site.site_id}: {cohort} held-out subjects < the minimum cohort {settings.min_subjects} "
+            "(privacy.min_eval_subjects); nothing is evaluated"
+        )
     ldm = ldm_from_parts(configs, vae, denoiser)
     private_dir = Path(yaml_path).resolve().parent / ".fedmri-eval" / site.site_id
     metrics = evaluate_site(ldm, load_evaluator(), training, heldout, settings, private_dir)
     metrics.update(held_flags(training))
     check_keys(metrics)
+    path, _ = ledger_terms(site, len(training.subjects))
+    with Ledger.locked(path, policy.round_wait_s):
+        ledger = open_ledger(site, len(training.subjects))
+        note = (
+            f"evaluation answered, NOT covered by DP: {len(metrics)} aggregates over {cohort} held-out subjects "
+            f"(at least {settings.min_subjects} per figure) and the training slices' FD floor and memorization audit"
+        )
+        ledger.append(
+            LedgerEntry(
+                run_id,
+                0,
+                "evaluated",
+                None,
+                ledger.epsilon,
+                ledger.epsilon_rdp,
+                [note],
+                now(),
+                cohort,
+                tensor_digest(denoiser),
+            )  # fmt: skip
+        )
     return site.site_id, metrics, private_dir

@@ -43,9 +43,7 @@ class Decision:
     projected_epsilon: float = 0.0  # cumulative ε after this round, if trained
 
 
-def decide(
-    policy: PrivacyPolicy, ledger: Ledger, proposal: Proposal, run_id: int, max_epsilon_override: float | None = None
-) -> Decision:
+def decide(policy: PrivacyPolicy, ledger: Ledger, proposal: Proposal, run_id: int) -> Decision:
     """Clamp the proposal to the policy and calibrate σ so the run's remaining rounds fit the budget.
 
     σ is the smallest value ≥ policy.min_noise_multiplier with which this and every remaining
@@ -60,14 +58,22 @@ def decide(
         notes.append(f"local-steps clamped from {steps} to the policy's {policy.max_local_steps}")
         steps = policy.max_local_steps
     batch = proposal.batch_size
+    if batch < 1:
+        return Decision("refused", None, [f"batch-size {batch} < 1"])
+    if batch < policy.min_expected_batch_size:
+        notes.append(f"batch-size raised from {batch} to the policy's minimum {policy.min_expected_batch_size}")
+        batch = policy.min_expected_batch_size
     if batch > n:
         notes.append(f"batch-size clamped from {batch} to the site's {n} subjects")
         batch = n
-    if batch < 1:
-        return Decision("refused", None, [f"batch-size {batch} < 1"])
     q = batch / n
 
     clip = policy.max_grad_norm
+    for name, value in (("max-grad-norm", proposal.max_grad_norm), ("noise-multiplier", proposal.noise_multiplier)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            return Decision("refused", None, [f"{name} {value} is not a finite number >= 0"])
+    if proposal.max_grad_norm == 0.0:
+        return Decision("refused", None, ["max-grad-norm 0 would clip every subject to nothing: refused"])
     if proposal.max_grad_norm is not None and proposal.max_grad_norm != clip:
         if policy.accept_server_overrides and proposal.max_grad_norm < clip:
             clip = proposal.max_grad_norm
@@ -87,7 +93,7 @@ def decide(
                 f"server's noise-multiplier {proposal.noise_multiplier} ignored: below the site's minimum {policy.min_noise_multiplier}"
             )
 
-    budget = policy.max_epsilon if max_epsilon_override is None else min(policy.max_epsilon, max_epsilon_override)
+    budget = policy.max_epsilon
     history = ledger.segments()
     remaining_rounds = max(1, proposal.num_rounds - ledger.rounds_trained(run_id))
     previous = [

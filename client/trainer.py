@@ -1,17 +1,34 @@
-"""The local DP trainer. This file is the only place fedmri calls Opacus."""
+"""The local DP trainer. This file is the only place fedmri calls Opacus.
+
+DP-SGD (Abadi et al. 2016, Alg. 1) with Poisson sampling of subjects at rate q = B/N. Every
+accounted step releases noise: a step whose Poisson draw is empty still adds N(0, σ²C²)/B to
+the update, exactly as the subsampled Gaussian mechanism that the ledger accounts for.
+
+Randomness (client/secure_random.py): subject sampling and the DP noise each come from their
+own ChaCha20 stream keyed with 256 bits of os.urandom per round. The randomness inside one
+subject's gradient (which slice, the diffusion noise and timestep, the VAE sample) comes from
+a torch generator: DP holds for every value of it, because clipping bounds the subject's
+contribution whatever it is, so it need not be secret.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
-from torch.utils.data import DataLoader, Dataset
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch.utils.data import Dataset
 
 from client.policy import RoundPlan
+from client.secure_random import SecureRandom, fresh_seed
 from common.model import LDM
 from common.objective import encode, ldm_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -24,74 +41,132 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class RoundRandomness:
+    """A round's random sources: two independent CSPRNG streams and a non-secret torch seed."""
+
+    sampling: SecureRandom = field(default_factory=SecureRandom)
+    noise: SecureRandom = field(default_factory=SecureRandom)
+    torch_seed: int = field(default_factory=fresh_seed)
+
+
+@dataclass(frozen=True)
 class TrainResult:
-    mean_loss: float
+    """Stays at the site: the mean training loss is about the sampled subjects and is never sent."""
+
+    mean_loss: float  # over non-empty steps; nan if every step was empty
     steps: int
-    empty_batches: int
+    empty_steps: int  # steps whose Poisson draw was empty: noise only
+
+
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DP optimizer with the Gaussian noise drawn from a ChaCha20 stream.
+
+    The clipped sum and the noise are added in float64 and rounded once to the parameter's dtype.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: SecureRandom, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.noise = noise
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            summed = p.summed_grad
+            noise = self.noise.normal(summed.shape, std) if std > 0 else torch.zeros(summed.shape, dtype=torch.float64)
+            p.grad = (summed.double() + noise.to(summed.device)).to(summed.dtype).view_as(p)
 
 
 def make_private(
-    module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, plan: RoundPlan
-) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader]:
-    """Wrap model, optimizer and loader for DP-SGD with per-item clipping and Gaussian noise.
-
-    Items are subjects (sites.datasets.SubjectDataset), so Poisson sampling of items at
-    q = B / N samples subjects, clipping bounds each subject's gradient by C, the noise is
-    N(0, σ²C²), and Opacus normalises by the *expected* batch size B (poisson_sampling=True).
-    """
-    engine = PrivacyEngine(accountant="prv")  # fedmri's own ledger does the accounting
-    private_module, private_optimizer, private_loader = engine.make_private(
-        module=module,
-        optimizer=optimizer,
-        data_loader=loader,
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: RoundPlan, noise: SecureRandom
+) -> tuple[GradSampleModule, SecureNoiseDPOptimizer]:
+    """Wrap model and optimizer for DP-SGD: per-subject clipping to C, noise N(0, σ²C²) from `noise`,
+    and normalisation by the *expected* batch size B (Poisson sampling)."""
+    ModuleValidator.validate(module, strict=True)
+    private_module = GradSampleModule(module, batch_first=True, loss_reduction="mean")  # hooks mode: exact
+    private_optimizer = SecureNoiseDPOptimizer(
+        optimizer,
+        noise=noise,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode="hooks",
+        expected_batch_size=plan.expected_batch_size,
+        loss_reduction="mean",
     )
-    return private_module, private_optimizer, private_loader
+    return private_module, private_optimizer
 
 
-def train_round(
-    ldm: LDM, dataset: Dataset, plan: RoundPlan, seed: int, settings: TrainSettings = TrainSettings()
+def poisson_batches(dataset: Dataset, plan: RoundPlan, sampling: SecureRandom) -> list[list[int]]:
+    """The subjects of each of the round's steps: each one independently with probability q."""
+    n = len(dataset)  # type: ignore[arg-type]
+    return [np.nonzero(sampling.bernoulli(n, plan.sample_rate))[0].tolist() for _ in range(plan.local_steps)]
+
+
+def run_dp_steps(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_of: Callable[[torch.nn.Module, Batch], torch.Tensor],
+    dataset: Dataset,
+    plan: RoundPlan,
+    randomness: RoundRandomness,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Run plan.local_steps DP-SGD steps on ldm.denoiser's trainable tensors, in place."""
-    torch.manual_seed(seed)  # Opacus draws its noise from torch's global generator
-    generator = torch.Generator().manual_seed(seed)
-    denoiser = ldm.denoiser.train()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
+    """plan.local_steps DP-SGD steps on `module`'s trainable tensors, in place. The step reads the
+    same with σ = 0 (allowed only by a site's explicit policy) as with σ > 0."""
+    params = [p for p in module.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
-    optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
-    loader = DataLoader(dataset, batch_size=plan.expected_batch_size, generator=torch.Generator().manual_seed(seed))
-    model, optimizer, loader = make_private(denoiser, optimizer, loader, plan)
+    model, private_optimizer = make_private(module, optimizer, plan, randomness.noise)
+    losses: list[float] = []
+    empty = 0
     try:
-        losses, empty, batches = [], 0, iter(loader)
-        for _ in range(plan.local_steps):
-            try:
-                images, conditions = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                images, conditions = next(batches)
-            if len(images) == 0:  # Poisson sampling drew nobody; the step is still accounted
+        for indices in poisson_batches(dataset, plan, randomness.sampling):
+            private_optimizer.zero_grad(set_to_none=True)
+            if indices:
+                loss = loss_of(model, _collate([dataset[i] for i in indices]))
+                loss.backward()
+                losses.append(loss.item())
+            else:  # nobody drawn: the clipped sum is zero, the noise is still added
                 empty += 1
-                continue
-            latents = encode(ldm.vae, images, ldm.settings.scale_factor, generator)  # -> [B, 4, 16, 16]
-            loss = ldm_loss(
-                model, ldm.scheduler, latents, conditions, generator, settings.drop_prob, settings.min_snr_gamma
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if settings.proximal_mu > 0:
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+            private_optimizer.step()
+            if proximal_mu > 0:
                 # FedProx as a decoupled proximal step w <- w - lr·μ(w - w_global): it reads no data,
                 # so it is post-processing of the DP update and costs no privacy.
                 with torch.no_grad():
                     for p, p0 in zip(params, start, strict=True):
-                        p.sub_(plan.learning_rate * settings.proximal_mu * (p - p0))
-            losses.append(loss.item())
+                        p.sub_(plan.learning_rate * proximal_mu * (p - p0))
     finally:
         model.remove_hooks()  # unwrap: the weights sent are the plain module's
         for p in params:
-            p.grad_sample = None
-    mean = sum(losses) / len(losses) if losses else float("nan")  # nan: every batch was empty
+            p.grad_sample = None  # type: ignore[attr-defined]
+            p.summed_grad = None  # type: ignore[attr-defined]
+    mean = sum(losses) / len(losses) if losses else float("nan")
     return TrainResult(mean, plan.local_steps, empty)
+
+
+def train_round(
+    ldm: LDM,
+    dataset: Dataset,
+    plan: RoundPlan,
+    settings: TrainSettings = TrainSettings(),
+    randomness: RoundRandomness | None = None,
+) -> TrainResult:
+    """Run plan.local_steps DP-SGD steps on ldm.denoiser's trainable tensors, in place."""
+    randomness = RoundRandomness() if randomness is None else randomness
+    generator = torch.Generator().manual_seed(randomness.torch_seed)
+    denoiser = ldm.denoiser.train()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
+
+    def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        images, conditions = batch  # -> [b, 1, 64, 64], [b, 7]
+        latents = encode(ldm.vae, images, ldm.settings.scale_factor, generator)  # -> [b, 4, 16, 16]
+        return ldm_loss(
+            model, ldm.scheduler, latents, conditions, generator, settings.drop_prob, settings.min_snr_gamma
+        )
+
+    return run_dp_steps(denoiser, optimizer, loss_of, dataset, plan, randomness, settings.proximal_mu)
+
+
+def _collate(items: Sequence[Batch]) -> Batch:
+    images, conditions = zip(*items, strict=True)
+    return torch.stack(images), torch.stack(conditions)

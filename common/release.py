@@ -1,10 +1,15 @@
 """The release format: a diffusers directory plus `privacy.json`, and its independent verification.
 
-`privacy.json` (format_version 1) states, for every site, the DP-SGD segments that produced the
-released weights and the ε they compose to, and the sha256 of every other file in the release.
-`verify_release` trusts none of the claimed numbers: it rehashes every file and recomputes every
-ε with Google's `dp-accounting`, independently of the Opacus accountants used in training
-(PLD for a PRV or PLD claim; dp-accounting's RDP for an RDP claim).
+`privacy.json` (format_version 2) states, for every site, the DP-SGD segments that produced the
+released weights, the ε they compose to, and the site's signed, hash-chained ledger entries those
+segments come from (common/signed_entries.py); the sha256 of every other file in the release; and
+the parent release, when the run started from one (its sites' chains continue in this one).
+`privacy.sig` is the consortium's signature over `privacy.json`.
+
+`verify_release` trusts none of the claimed numbers: it rehashes every file, checks every chain
+(and, given the public keys, every signature), checks that the claimed segments are exactly the
+signed ones, and recomputes every ε with Google's `dp-accounting`, independently of the Opacus
+accountants used in training (PLD for a PRV or PLD claim; dp-accounting's RDP for an RDP claim).
 """
 
 from __future__ import annotations
@@ -18,15 +23,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from common.signed_entries import chain_problems, load_public_key, spent_segments
+
+FORMAT_VERSION = 2
 MANIFEST = "privacy.json"
+SIGNATURE = "privacy.sig"  # the consortium's ECDSA signature over privacy.json (hex DER)
+CONSORTIUM_KEY = "consortium.pub"  # in `verify --keys DIR`, beside one <site_id>.pub per site
+UNRELEASED = "UNRELEASED.txt"  # in a run's model/ folder: not a release, so no base for a new run
 TOLERANCE_ABOVE = 0.05  # a claimed ε may exceed the recomputation by at most 5 %
 TOLERANCE_BELOW = 1e-3  # ... and lie below it only by the PLD's own discretisation (0.1 %)
 
 SITE_KEYS = (
     "site_id", "num_subjects", "delta", "max_grad_norm", "segments", "accountant", "epsilon", "epsilon_rdp",
+    "entries",
 )  # fmt: skip
-TOP_KEYS = ("format_version", "privacy_unit", "sites", "client_level", "epsilon_max", "base_model", "files")
+TOP_KEYS = ("format_version", "privacy_unit", "sites", "client_level", "epsilon_max", "base_model", "parent", "files")
 SEGMENT_KEYS = ("sample_rate", "noise_multiplier", "steps")
 
 
@@ -51,7 +66,7 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {
         path.relative_to(root).as_posix(): sha256_file(path)
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.relative_to(root).as_posix() != MANIFEST
+        if path.is_file() and path.relative_to(root).as_posix() not in (MANIFEST, SIGNATURE)
     }
 
 
@@ -73,6 +88,7 @@ class SiteAccount:
     accountant: str
     epsilon: float
     epsilon_rdp: float
+    entries: list[dict[str, Any]]  # the site's signed ledger chain the segments come from
 
 
 def write_manifest(
@@ -80,8 +96,11 @@ def write_manifest(
     sites: Sequence[SiteAccount],
     client_level: dict[str, Any] | None,
     base_model: dict[str, str],
+    parent: dict[str, str] | None,
+    key: ec.EllipticCurvePrivateKey,
 ) -> dict[str, Any]:
-    """Write release/privacy.json over the files already in `release`; returns the manifest."""
+    """Write release/privacy.json over the files already in `release`, and privacy.sig (signed with
+    the consortium's `key`); returns the manifest."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "privacy_unit": "subject",
@@ -89,10 +108,52 @@ def write_manifest(
         "client_level": client_level,
         "epsilon_max": max((site.epsilon for site in sites), default=0.0),
         "base_model": base_model,
+        "parent": parent,
         "files": file_hashes(release),
     }
-    (release / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    data = (json.dumps(manifest, indent=2) + "\n").encode()
+    (release / MANIFEST).write_bytes(data)
+    (release / SIGNATURE).write_text(key.sign(data, ec.ECDSA(hashes.SHA384())).hex() + "\n")
     return manifest
+
+
+def merge_chain(held: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`held` extended by the entries of `new` that follow it; ValueError if `new` does not continue it."""
+    if not held:
+        return list(new)
+    hashes = [e.get("hash") for e in new]
+    if held[-1]["hash"] in hashes:
+        return [*held, *new[hashes.index(held[-1]["hash"]) + 1 :]]
+    if new and new[0].get("prev") == held[-1]["hash"]:
+        return [*held, *new]
+    raise ValueError(
+        f"the site's ledger entries do not continue the {len(held)} the server holds (was its ledger reset?)"
+    )
+
+
+def parent_chains(base: Path) -> dict[str, list[dict[str, Any]]]:
+    """The signed chains a run starting from `base` carries forward: those of base's privacy.json.
+
+    A fedmri run's unreleased model/ (UNRELEASED.txt) is refused: its account is only in its run
+    directory, and a run built on it would release weights without it. Any other base (the shipped
+    model, or one pretrained on public data) has no account to carry."""
+    if (base / MANIFEST).exists():
+        verify_release(base)  # hashes and chains; a base that fails is no base
+        manifest = json.loads((base / MANIFEST).read_text())
+        return {site["site_id"]: site["entries"] for site in manifest["sites"]}
+    if (base / UNRELEASED).exists():
+        raise ValueError(
+            f"{base}: the unreleased model of a fedmri run ({(base / UNRELEASED).read_text().strip()}); release it "
+            "with `fedmri release` and start the new run from the release, so its privacy account carries forward"
+        )
+    return {}
+
+
+def parent_reference(base: Path) -> dict[str, str] | None:
+    """How a release names its parent release (None when the base is not a release)."""
+    if not (base / MANIFEST).exists():
+        return None
+    return {"name": base.name, "sha256": directory_digest(base), "manifest_sha256": sha256_file(base / MANIFEST)}
 
 
 def independent_epsilon(segments: Sequence[dict[str, float]], delta: float, accountant: str) -> float:
@@ -123,6 +184,7 @@ class SiteCheck:
     recomputed: float
     accountant: str
     steps: int
+    entries: int = 0
 
 
 @dataclass
@@ -131,9 +193,13 @@ class Verification:
     client_level: SiteCheck | None = None
     files: int = 0
     base_model: dict[str, str] = field(default_factory=dict)
+    parent: dict[str, str] | None = None
+    signatures_checked: bool = False
 
 
 def _check_epsilon(label: str, claimed: float, recomputed: float, independent: str) -> str | None:
+    if math.isnan(claimed):
+        return f"{label}: claimed ε is NaN"
     if math.isinf(recomputed):
         return None if math.isinf(claimed) else f"{label}: a segment has noise_multiplier 0, so ε = ∞, not {claimed}"
     if claimed < recomputed * (1 - TOLERANCE_BELOW):
@@ -141,6 +207,10 @@ def _check_epsilon(label: str, claimed: float, recomputed: float, independent: s
     if claimed > recomputed * (1 + TOLERANCE_ABOVE):
         return f"{label}: claimed ε {claimed:.4f} is more than 5% above the recomputed {recomputed:.4f} ({independent})"
     return None
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and not math.isnan(value)
 
 
 def _schema_problems(manifest: Any) -> list[str]:
@@ -156,6 +226,8 @@ def _schema_problems(manifest: Any) -> list[str]:
         problems.append(f"privacy.json: privacy_unit {manifest['privacy_unit']!r}, expected 'subject'")
     if not isinstance(manifest["files"], dict) or not all(isinstance(v, str) for v in manifest["files"].values()):
         problems.append("privacy.json: 'files' must map relative paths to sha256 strings")
+    if not _number(manifest["epsilon_max"]):
+        problems.append(f"privacy.json: epsilon_max is not a number ({manifest['epsilon_max']!r})")
     if not isinstance(manifest["sites"], list) or not manifest["sites"]:
         return [*problems, "privacy.json: 'sites' must be a non-empty list"]
     for i, site in enumerate(manifest["sites"]):
@@ -163,27 +235,71 @@ def _schema_problems(manifest: Any) -> list[str]:
         if not isinstance(site, dict) or set(site) != set(SITE_KEYS):
             problems.append(f"{where}: keys must be exactly {', '.join(SITE_KEYS)}")
             continue
-        numbers = ("num_subjects", "delta", "max_grad_norm", "epsilon", "epsilon_rdp")
-        for key in numbers:
-            if isinstance(site[key], bool) or not isinstance(site[key], int | float):
-                problems.append(f"{where}.{key}: not a number ({site[key]!r})")
-        if not problems and not 0 < site["delta"] < 1:
-            problems.append(f"{where}.delta: {site['delta']} is not in (0, 1)")
+        where = f"privacy.json: site {site['site_id']}"
+        bad = [k for k in ("num_subjects", "delta", "max_grad_norm", "epsilon", "epsilon_rdp") if not _number(site[k])]
+        problems += [f"{where}: {k} is not a number ({site[k]!r})" for k in bad]
+        if not bad and not 0 < site["delta"] < 1:
+            problems.append(f"{where}: delta {site['delta']} is not in (0, 1)")
         if site["accountant"] not in ("prv", "rdp", "pld"):
-            problems.append(f"{where}.accountant: {site['accountant']!r} is not prv, rdp or pld")
+            problems.append(f"{where}: accountant {site['accountant']!r} is not prv, rdp or pld")
+        if not isinstance(site["entries"], list):
+            problems.append(f"{where}: entries is not a list")
         if not isinstance(site["segments"], list):
-            problems.append(f"{where}.segments: not a list")
+            problems.append(f"{where}: segments is not a list")
             continue
         for j, seg in enumerate(site["segments"]):
             if not isinstance(seg, dict) or set(seg) != set(SEGMENT_KEYS):
-                problems.append(f"{where}.segments[{j}]: keys must be exactly {', '.join(SEGMENT_KEYS)}")
-            elif not (0 < seg["sample_rate"] <= 1 and seg["noise_multiplier"] >= 0 and seg["steps"] >= 0):
-                problems.append(f"{where}.segments[{j}]: values out of range {seg}")
+                problems.append(f"{where}: segments[{j}] keys must be exactly {', '.join(SEGMENT_KEYS)}")
+            elif not all(_number(v) for v in seg.values()) or not (
+                0 < seg["sample_rate"] <= 1 and seg["noise_multiplier"] >= 0 and seg["steps"] >= 0
+            ):
+                problems.append(f"{where}: segments[{j}] values out of range {seg}")
     return problems
 
 
-def verify_release(release: Path) -> Verification:
-    """Check files and every ε; raises ReleaseError listing every problem found."""
+def _site_problems(site: dict[str, Any], key: ec.EllipticCurvePublicKey | None) -> list[str]:
+    """The claimed account against the site's signed chain: every entry, and exactly its segments."""
+    label = f"site {site['site_id']}"
+    entries = site["entries"]
+    problems = [f"{label}: signed ledger {p}" for p in chain_problems(entries, site["site_id"], key)]
+    if problems:
+        return problems
+    signed = spent_segments(entries)
+    if [{k: float(v) for k, v in s.items()} for s in site["segments"]] != [
+        {k: float(v) for k, v in s.items()} for s in signed
+    ]:
+        problems.append(
+            f"{label}: the claimed segments ({len(site['segments'])}) are not exactly the {len(signed)} the site "
+            "signed (a segment removed, added or altered)"
+        )
+    spending = [e for e in entries if e["status"] in ("reserved", "trained") and e["segment"]]
+    if any(e["delta"] != site["delta"] for e in entries):
+        problems.append(f"{label}: claimed delta {site['delta']} is not the δ of its signed entries")
+    if spending and any(e["max_grad_norm"] != site["max_grad_norm"] for e in spending):
+        problems.append(f"{label}: claimed max_grad_norm {site['max_grad_norm']} is not the C of its signed entries")
+    if spending and site["num_subjects"] != min(e["num_subjects"] for e in spending):
+        problems.append(f"{label}: claimed num_subjects {site['num_subjects']} is not the smallest signed N")
+    return problems
+
+
+def _keys(keys: Path, site_ids: list[str]) -> tuple[dict[str, ec.EllipticCurvePublicKey], list[str]]:
+    found, problems = {}, []
+    for site_id in site_ids:
+        path = keys / f"{site_id}.pub"
+        if not path.is_file():
+            problems.append(f"site {site_id}: no public key {path}")
+            continue
+        try:
+            found[site_id] = load_public_key(path.read_bytes())
+        except ValueError as err:
+            problems.append(f"{path}: not a public key ({err})")
+    return found, problems
+
+
+def verify_release(release: Path, keys: Path | None = None) -> Verification:
+    """Check files, chains, segments and every ε (and, given `keys`, every signature).
+
+    Raises ReleaseError listing every problem found."""
     path = release / MANIFEST
     if not path.is_file():
         raise ReleaseError(release, [f"no {MANIFEST}: not a fedmri release"])
@@ -195,6 +311,24 @@ def verify_release(release: Path) -> Verification:
     if problems:
         raise ReleaseError(release, problems)
 
+    public: dict[str, ec.EllipticCurvePublicKey] = {}
+    if keys is not None:
+        public, problems = _keys(keys, [s["site_id"] for s in manifest["sites"]])
+        consortium = keys / CONSORTIUM_KEY
+        if not (release / SIGNATURE).is_file():
+            problems.append(f"no {SIGNATURE}: the release is not signed by the consortium")
+        elif not consortium.is_file():
+            problems.append(f"no consortium public key {consortium}")
+        else:
+            try:
+                load_public_key(consortium.read_bytes()).verify(
+                    bytes.fromhex((release / SIGNATURE).read_text().strip()),
+                    path.read_bytes(),
+                    ec.ECDSA(hashes.SHA384()),
+                )
+            except (InvalidSignature, ValueError):
+                problems.append(f"{SIGNATURE}: the consortium's signature over privacy.json does not verify")
+
     actual, claimed_files = file_hashes(release), manifest["files"]
     problems += [f"missing file: {rel}" for rel in sorted(set(claimed_files) - set(actual))]
     problems += [f"extra file not in the manifest: {rel}" for rel in sorted(set(actual) - set(claimed_files))]
@@ -204,15 +338,18 @@ def verify_release(release: Path) -> Verification:
         if actual[rel] != claimed_files[rel]
     ]
 
-    result = Verification(files=len(actual), base_model=dict(manifest["base_model"] or {}))
+    result = Verification(files=len(actual), base_model=dict(manifest["base_model"] or {}), parent=manifest["parent"])
+    result.signatures_checked = keys is not None
     for site in manifest["sites"]:
+        label = f"site {site['site_id']}"
+        if keys is None or site["site_id"] in public:
+            problems += _site_problems(site, public.get(site["site_id"]))
         independent = "dp-accounting RDP" if site["accountant"] == "rdp" else "dp-accounting PLD"
         recomputed = independent_epsilon(site["segments"], site["delta"], site["accountant"])
-        label = f"site {site['site_id']}"
         problems += [p for p in [_check_epsilon(label, site["epsilon"], recomputed, independent)] if p]
         if not math.isinf(recomputed) and site["epsilon_rdp"] < recomputed * (1 - TOLERANCE_BELOW):
             problems.append(f"{label}: epsilon_rdp {site['epsilon_rdp']:.4f} is below the recomputed {recomputed:.4f}")
-        if site["delta"] >= 1 / site["num_subjects"]:
+        if site["num_subjects"] > 0 and site["delta"] >= 1 / site["num_subjects"]:
             problems.append(f"{label}: delta {site['delta']} >= 1/num_subjects gives no meaningful guarantee")
         steps = int(sum(s["steps"] for s in site["segments"]))
         result.sites.append(
@@ -224,6 +361,7 @@ def verify_release(release: Path) -> Verification:
                 recomputed,
                 site["accountant"],
                 steps,
+                len(site["entries"]),
             )
         )
     if manifest["epsilon_max"] != max(s["epsilon"] for s in manifest["sites"]):

@@ -5,8 +5,11 @@ Written with `cryptography` (which Flower already depends on), in the formats fl
 - `superlink.crt` / `superlink.key`: the SuperLink's HTTPS certificate (`--ssl-certfile`,
   `--ssl-keyfile`), valid for the host names and IP addresses given;
 - `nodes/<site>.key` / `nodes/<site>.pub`: an ECDSA P-384 key pair in OpenSSH format per site.
-  The site keeps `.key` (`flower-supernode --auth-supernode-private-key`); the consortium
-  registers `.pub` with `flwr supernode register`. Only registered keys are admitted.
+  The site keeps `.key` (`flower-supernode --auth-supernode-private-key`, and it signs the
+  site's ledger: copy both to the site home as node.key / node.pub); the consortium registers
+  `.pub` with `flwr supernode register`. Only registered keys are admitted.
+- `consortium.key` / `nodes/consortium.pub`: the pair that signs releases (`fedmri release
+  --key`); `fedmri verify --keys nodes/` checks every site's entries and the release with them.
 
 Private keys are written with mode 0600. Nothing is overwritten: an existing file is an error.
 """
@@ -32,6 +35,7 @@ class CertFiles:
     superlink_cert: Path
     superlink_key: Path
     node_keys: dict[str, tuple[Path, Path]]  # site -> (private, public)
+    consortium_key: tuple[Path, Path]  # (private, public): signs releases
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
@@ -104,14 +108,17 @@ def make_certs(out: Path, sites: list[str], hosts: list[str], days: int = 365) -
     )
 
     node_keys = {}
-    for site in sites:
+    if "consortium" in sites:
+        raise ValueError("'consortium' names the release-signing key; choose another site id")
+    for site in [*sites, "consortium"]:  # the consortium's key signs releases (privacy.sig)
         key = ec.generate_private_key(ec.SECP384R1())
         private = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        private_path = out / ("consortium.key" if site == "consortium" else f"nodes/{site}.key")
         node_keys[site] = (
-            _write(out / "nodes" / f"{site}.key", private, private=True),
+            _write(private_path, private, private=True),
             _write(out / "nodes" / f"{site}.pub", public + b"\n"),
         )
     return CertFiles(
@@ -119,5 +126,6 @@ def make_certs(out: Path, sites: list[str], hosts: list[str], days: int = 365) -
         ca_key=_write(out / "ca.key", _pem_key(ca_key), private=True),
         superlink_cert=_write(out / "superlink.crt", link_cert.public_bytes(serialization.Encoding.PEM)),
         superlink_key=_write(out / "superlink.key", _pem_key(link_key), private=True),
-        node_keys=node_keys,
+        node_keys={site: paths for site, paths in node_keys.items() if site != "consortium"},
+        consortium_key=node_keys["consortium"],
     )

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.atomic import fsync_folder
 from common.release import sha256_file
 
 log = logging.getLogger("fedmri.server")
@@ -22,7 +23,7 @@ class Checkpoint:
     server_round: int
     tensors: dict[str, torch.Tensor]
     strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)  # strategy name, per-site ε, ...
+    info: dict[str, Any] = field(default_factory=dict)  # strategy, round records, sites' signed chains, ...
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -39,8 +40,10 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
         files["strategy.safetensors"] = sha256_file(tmp / "strategy.safetensors")
     state = {"server_round": checkpoint.server_round, "info": checkpoint.info, "sha256": files}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    fsync_folder(tmp, with_files=True)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_folder(root)  # the renamed folder, with its records and chains, survives a power cut
     return final
 
 

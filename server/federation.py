@@ -16,8 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from common.atomic import atomic_write
 from common.finetune import configure, parse_mode, trainable_tensors
 from common.model import LDM, load_ldm
+from common.release import UNRELEASED, merge_chain, parent_chains
 from common.run_config import RunConfig
 from common.weights import base_model_dir
 from server import client_dp
@@ -52,11 +54,39 @@ def make_strategy(run: RunConfig) -> Strategy:
     return client_dp.wrap(strategy, run)
 
 
+def base_dir(run: RunConfig) -> Path:
+    return base_model_dir() if run.base_model == "shipped" else Path(run.base_model)
+
+
 def base_ldm(run: RunConfig) -> LDM:
     """The base model in the run's fine-tuning mode (its trainable tensors start the federation)."""
-    ldm = load_ldm(base_model_dir() if run.base_model == "shipped" else Path(run.base_model))
+    ldm = load_ldm(base_dir(run))
     configure(ldm.denoiser, parse_mode(run.finetune_mode), run.lora_rank)
     return ldm
+
+
+def write_records(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """metrics.jsonl: the round records, one JSON line each (a readable copy of the checkpoint's)."""
+    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
+def keep_chains(
+    chains: dict[str, list[dict[str, Any]]], accepted: list[Message], outcomes: list[SiteOutcome]
+) -> list[Message]:
+    """Extend each site's chain with the entries it sent; an update whose entries do not continue the
+    chain the server holds is rejected (the release could not account for it)."""
+    rejected = set()
+    for outcome in outcomes:
+        if not outcome.entries:
+            continue
+        try:
+            chains[outcome.site_id] = merge_chain(chains.get(outcome.site_id, []), outcome.entries)
+        except ValueError as err:
+            if outcome.status == "trained":
+                outcome.status = "rejected"
+                rejected.add(outcome.site_id)
+            outcome.notes = [*outcome.notes, str(err)]
+    return [m for m in accepted if str(m.content["reply"]["site-id"]) not in rejected]
 
 
 @dataclass
@@ -66,6 +96,7 @@ class SiteOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     accountant: str = ""  # the site's accountant for metrics["epsilon"]
+    entries: list[dict[str, Any]] = field(default_factory=list)  # the site's signed ledger entries, new ones
 
 
 def screen(
@@ -84,6 +115,7 @@ def screen(
             dict(msg.content["metrics"]),
             [n for n in info["notes"] if n],
             str(info.get("accountant", "")),
+            json.loads(str(info.get("entries", "[]"))),
         )
         if outcome.status == "trained":
             if "arrays" not in msg.content:
@@ -129,6 +161,9 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
     site_epsilon: dict[str, float] = {}
     releases = 0  # noisy aggregates released under client-level DP
     first_round = 1
+    # Each site's signed ledger chain, from the parent release's (if the base model is one) on.
+    chains = parent_chains(base_dir(run))
+    records: list[dict[str, Any]] = []
     if run.resume:
         checkpoint = load_latest(run_dir)
         if checkpoint is None:
@@ -142,6 +177,12 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
             # Keep the model's own key order (a checkpoint file stores keys sorted).
             global_tensors = {key: checkpoint.tensors[key] for key in global_tensors}
             site_epsilon = dict(checkpoint.info.get("site_epsilon", {}))
+            if "chains" not in checkpoint.info or "records" not in checkpoint.info:
+                raise CheckpointError(f"--resume: {run_dir} was checkpointed by an older fedmri; start a new run")
+            chains, records = checkpoint.info["chains"], checkpoint.info["records"]
+            # The round records are part of the checkpoint; metrics.jsonl is rewritten from them, so
+            # a crash between the two files never loses (or duplicates) a round.
+            write_records(run_dir, records)
             _restore_strategy(strategy, checkpoint.strategy_state)
             releases = int((checkpoint.info.get("client_level") or {}).get("releases", 0))
             first_round = checkpoint.server_round + 1
@@ -160,11 +201,12 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
     )
     for server_round in range(first_round, run.num_server_rounds + 1):
         start = time.time()
-        messages = strategy.configure_train(
-            server_round, ArrayRecord(global_tensors), ConfigRecord(dict(proposal)), grid
-        )
+        heads = {site: chain[-1]["hash"] for site, chain in chains.items() if chain}
+        config = ConfigRecord({**dict(proposal), "ledger-heads": json.dumps(heads)})
+        messages = strategy.configure_train(server_round, ArrayRecord(global_tensors), config, grid)
         replies = grid.send_and_receive(messages, timeout=run.round_timeout)
         accepted, outcomes = screen(replies, global_tensors, run.max_update_norm)
+        accepted = keep_chains(chains, accepted, outcomes)
         if len(accepted) >= run.min_train_nodes:
             if run.client_dp != "off":
                 client_dp.prepare(accepted, list(global_tensors))
@@ -188,13 +230,6 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
                 )
         account = client_dp.start_account(run, releases)
         client_level = account.to_json() if account else None
-        info = {
-            "strategy": run.strategy,
-            "site_epsilon": site_epsilon,
-            "client_level": client_level,
-            "run_config": run.to_flower(),
-        }
-        save_checkpoint(run_dir, Checkpoint(server_round, global_tensors, _strategy_state(strategy), info))
         record = {
             "round": server_round,
             "wall_s": round(time.time() - start, 2),
@@ -205,10 +240,20 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
             },
             "client_level": client_level,
         }
-        with open(run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        records.append(record)
+        info = {
+            "strategy": run.strategy,
+            "site_epsilon": site_epsilon,
+            "client_level": client_level,
+            "run_config": run.to_flower(),
+            "records": records,
+            "chains": chains,
+        }
+        # One atomic write holds the round's tensors, its record and every signed entry.
+        save_checkpoint(run_dir, Checkpoint(server_round, global_tensors, _strategy_state(strategy), info))
+        write_records(run_dir, records)
         summary = ", ".join(
-            f"{o.site_id} {o.status} loss {o.metrics.get('loss', float('nan')):.4f} ε {o.metrics.get('epsilon', float('nan')):.2f}"
+            f"{o.site_id} {o.status} σ {o.metrics.get('noise-multiplier', float('nan')):.2f} ε {o.metrics.get('epsilon', float('nan')):.2f}"
             for o in outcomes
         )
         if client_level:
@@ -229,4 +274,6 @@ def save_final_model(run: RunConfig, tensors: dict[str, torch.Tensor]) -> Path:
     merge_lora(ldm.denoiser)
     out = Path(run.run_dir) / "model"
     save_ldm(ldm, out)
+    # Not a release: a run that starts from this folder is refused (its account would be lost).
+    (out / UNRELEASED).write_text(f"fedmri run {Path(run.run_dir).resolve()}: release it with `fedmri release`\n")
     return out

@@ -1,4 +1,7 @@
-"""PNG plots of a run's metrics.jsonl: loss and cumulative ε per site per round."""
+"""PNG plots of a run's metrics.jsonl: noise multiplier and cumulative ε per site per round.
+
+Sites send no training loss (it is a raw statistic of the subjects they sampled).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +15,12 @@ import matplotlib.pyplot as plt
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Write run_dir/loss.png and run_dir/epsilon.png; returns their paths."""
+    """Write run_dir/sigma.png and run_dir/epsilon.png; returns their paths."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     sites = sorted({site for r in records for site in r["sites"]})
     written = []
     for key, label, name in (
-        ("loss", "training loss", "loss.png"),
+        ("noise-multiplier", "noise multiplier σ (site's choice)", "sigma.png"),
         ("epsilon", "cumulative ε (site's accountant)", "epsilon.png"),
     ):
         fig, ax = plt.subplots(figsize=(6, 3.5))

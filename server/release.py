@@ -1,24 +1,31 @@
 """`fedmri release RUN_DIR --out RELEASE`: the federated model with its privacy account and model card.
 
-Everything comes from what the server legitimately holds: the final model, and for each site the
-public terms of its account that it reported every round (q, σ, steps, C, δ, N and its
-accountant). No site data is read. Site YAMLs, when the run's config names readable ones, only
+Everything comes from what the server legitimately holds: the final model, and for each site its
+signed ledger entries (q, σ, steps, C, δ, N, digests) and the accountant it reported. Each
+site's account is computed from its signed chain, which continues the parent release's chain when
+the run started from one; every round a site reported training must be covered by a signed
+entry. No site data is read. Site YAMLs, when the run's config names readable ones, only
 describe the sites in the model card; that text is the consortium's declaration, not data.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from common.model import load_ldm, save_ldm
 from common.privacy import Segment, epsilon
-from common.release import SiteAccount, directory_digest, write_manifest
+from common.release import CONSORTIUM_KEY, SiteAccount, directory_digest, parent_reference, write_manifest
+from common.signed_entries import SPENDING, public_key_text, spent_segments
 from common.weights import NAME as SHIPPED_NAME
 from common.weights import base_model_dir
+from server.checkpoint import Checkpoint, load_latest
 
 
 class RunDirError(Exception):
@@ -27,78 +34,72 @@ class RunDirError(Exception):
 
 @dataclass
 class SiteRecord:
-    """One site's reported terms, gathered over the run's rounds."""
+    """One site's reported terms over the run, and its signed ledger chain."""
 
     site_id: str
     accountant: str = ""
-    num_subjects: set[float] = field(default_factory=set)
-    delta: set[float] = field(default_factory=set)
-    max_grad_norm: set[float] = field(default_factory=set)
-    segments: list[dict[str, float]] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    trained_rounds: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (round, segment) reported
     reported_epsilon: float = 0.0  # the site's cumulative ledger ε (may include earlier runs)
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise RunDirError(f"{path}: missing; {run_dir} is not a fedmri run directory")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not records:
-        raise RunDirError(f"{path}: no completed round to release")
-    return records
-
-
-def gather_sites(records: list[dict[str, Any]]) -> dict[str, SiteRecord]:
-    """Every site's segments: one per round in which it trained (rejected updates count too)."""
-    sites: dict[str, SiteRecord] = {}
+def gather_sites(records: list[dict[str, Any]], chains: dict[str, list[dict[str, Any]]]) -> dict[str, SiteRecord]:
+    """Every site of the chains (this run's and its parent's) with what it reported in this run's rounds."""
+    sites = {site_id: SiteRecord(site_id, entries=chain) for site_id, chain in chains.items()}
     for record in records:
         for site_id, info in record["sites"].items():
-            if info["status"] == "error":
+            if info["status"] == "error" or site_id not in sites:
                 continue
-            site = sites.setdefault(site_id, SiteRecord(site_id))
+            site = sites[site_id]
             site.accountant = info.get("accountant") or site.accountant
-            site.num_subjects.add(info["num-subjects"])
-            site.delta.add(info["delta"])
             site.reported_epsilon = info.get("epsilon", site.reported_epsilon)
             if info.get("trained") == 1.0:
-                site.max_grad_norm.add(info["max-grad-norm"])
-                site.segments.append(
-                    {
-                        "sample_rate": info["sample-rate"],
-                        "noise_multiplier": info["noise-multiplier"],
-                        "steps": int(info["steps"]),
-                    }
-                )
+                segment = {k: info[m] for k, m in (("sample_rate", "sample-rate"),
+                           ("noise_multiplier", "noise-multiplier"), ("steps", "steps"))}  # fmt: skip
+                site.trained_rounds.append((record["round"], segment))
     return sites
 
 
 def site_account(site: SiteRecord) -> SiteAccount:
-    for name in ("num_subjects", "delta", "max_grad_norm"):
-        if len(getattr(site, name)) > 1:
-            raise RunDirError(f"site {site.site_id}: {name} changed during the run ({sorted(getattr(site, name))})")
-    segments = [Segment(s["sample_rate"], s["noise_multiplier"], int(s["steps"])) for s in site.segments]
-    delta = next(iter(site.delta))
+    """The site's account from its signed chain: every spend in it, at the chain's δ and C."""
+    entries = site.entries
+    spending = [e for e in entries if e["status"] in SPENDING and e["segment"]]
+    signed = spent_segments(entries)
+    for server_round, reported in site.trained_rounds:
+        if not any(e["server_round"] == server_round and e["segment"] == reported for e in spending):
+            raise RunDirError(
+                f"site {site.site_id}: reported training in round {server_round} ({reported}) that no signed ledger "
+                "entry it sent covers"
+            )
+    for name in ("delta", "max_grad_norm"):
+        values = {e[name] for e in (spending or entries)}
+        if len(values) > 1:
+            raise RunDirError(f"site {site.site_id}: {name} changed in its signed ledger ({sorted(values)})")
+    delta = entries[-1]["delta"]
     accountant = site.accountant or "prv"
+    segments = [Segment(s["sample_rate"], s["noise_multiplier"], int(s["steps"])) for s in signed]
     eps = epsilon(segments, delta, accountant)
     return SiteAccount(
         site_id=site.site_id,
-        num_subjects=int(next(iter(site.num_subjects))),
+        num_subjects=min((int(e["num_subjects"]) for e in spending), default=int(entries[-1]["num_subjects"])),
         delta=delta,
-        max_grad_norm=next(iter(site.max_grad_norm), 0.0),
-        segments=site.segments,
+        max_grad_norm=spending[-1]["max_grad_norm"] if spending else 0.0,
+        segments=signed,
         accountant=accountant,
         epsilon=eps,
         epsilon_rdp=eps if accountant == "rdp" else epsilon(segments, delta, "rdp"),
+        entries=entries,
     )
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    from server.checkpoint import load_latest
-
+def _final_checkpoint(run_dir: Path) -> Checkpoint:
+    """The last checkpoint: its records and signed chains are what the release accounts for."""
     checkpoint = load_latest(run_dir)
     if checkpoint is None:
         raise RunDirError(f"{run_dir}/checkpoints: no valid round checkpoint")
-    return dict(checkpoint.info.get("run_config", {}))
+    if "records" not in checkpoint.info or "chains" not in checkpoint.info:
+        raise RunDirError(f"{run_dir}: checkpoints made by an older fedmri (no signed ledger chains); re-run it")
+    return checkpoint
 
 
 def _site_descriptions(run_config: dict[str, Any]) -> dict[str, str]:
@@ -225,17 +226,47 @@ def model_card(
     return "\n".join(lines)
 
 
-def build_release(run_dir: Path, out: Path) -> tuple[Path, dict[str, Any]]:
-    """Write the release directory `out` from a finished run; returns it and its manifest."""
+def consortium_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The consortium's release-signing key (`fedmri certs` writes one); created, and said so, if absent."""
+    if path.exists():
+        key: Any = serialization.load_ssh_private_key(path.read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise RunDirError(f"{path}: expected an ECDSA key, got {type(key).__name__}")
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    (path.parent / CONSORTIUM_KEY).write_text(public_key_text(key.public_key()) + "\n")
+    print(f"[fedmri] created the consortium's release-signing key {path} (public half: {path.parent / CONSORTIUM_KEY})")
+    return key
+
+
+def build_release(run_dir: Path, out: Path, key_path: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write the release directory `out` from a finished run; returns it and its manifest.
+
+    The account comes from the run's final checkpoint, which holds the round records and every
+    site's signed ledger chain in the same atomic write as the tensors (so a crash can never
+    leave weights with fewer accounted rounds). `key_path` (default RUN_DIR/keys/consortium.key)
+    signs privacy.json."""
     run_dir = Path(run_dir)
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out}: exists and is not empty; choose a new release directory")
     model_dir = run_dir / "model"
     if not (model_dir / "fedmri.json").exists():
         raise RunDirError(f"{model_dir}: no final model; the run did not finish")
-    records = read_records(run_dir)
-    run_config = _run_config(run_dir)
-    reported = gather_sites(records)
+    checkpoint = _final_checkpoint(run_dir)
+    records, run_config = checkpoint.info["records"], dict(checkpoint.info["run_config"])
+    if not records or checkpoint.server_round != int(run_config["num-server-rounds"]):
+        raise RunDirError(
+            f"{run_dir}: the last checkpoint is of round {checkpoint.server_round} of {run_config['num-server-rounds']}; "
+            "finish the run (--resume) before releasing it"
+        )
+    reported = gather_sites(records, checkpoint.info["chains"])
     accounts = [site_account(site) for site in sorted(reported.values(), key=lambda s: s.site_id)]
     if not any(a.segments for a in accounts):
         raise RunDirError(f"{run_dir}: no site trained in any round; nothing to release")
@@ -243,9 +274,10 @@ def build_release(run_dir: Path, out: Path) -> tuple[Path, dict[str, Any]]:
     base_dir = base_model_dir() if base == "shipped" else Path(base)
     base_model = {"name": SHIPPED_NAME if base == "shipped" else base_dir.name, "sha256": directory_digest(base_dir)}
     client_level = records[-1].get("client_level")
+    key = consortium_key(key_path or run_dir / "keys" / "consortium.key")
 
     save_ldm(load_ldm(model_dir), out)
     card = model_card(accounts, records, client_level, base_model, _site_descriptions(run_config), reported)
     (out / "README.md").write_text(card)
-    manifest = write_manifest(out, accounts, client_level, base_model)
+    manifest = write_manifest(out, accounts, client_level, base_model, parent_reference(base_dir), key)
     return out, manifest

@@ -2,8 +2,9 @@
 
 Every comparison uses the same model (the shipped base) and the same batch:
 - dp_step_over_plain_step: median wall time of a DP-SGD step (client/trainer.make_private, the
-  one place Opacus is called) over a plain autograd step, per fine-tuning mode, alternating the
-  two so that machine noise hits both; peak memory of each in a fresh process (ru_maxrss of that
+  one place Opacus is called) over a plain autograd step, per fine-tuning mode, interleaved so
+  that machine noise hits both; and the same DP step with ChaCha20 noise (as sites run it) over
+  one with torch-generator noise (secure_noise_over_torch_noise); peak memory of each in a fresh process (ru_maxrss of that
   process minus its resident size just before the first step).
 - upload_bytes_per_round: the bytes of the ArrayRecord a site sends (its trainable tensors).
 - federation_overhead: round 2 of a one-site simulation (Flower Simulation Engine, warm actor)
@@ -69,27 +70,42 @@ def _step_setup(mode: str, batch: int, seed: int = 0):
     return ldm, latents, conditions
 
 
-def make_step(mode: str, batch: int, dp: bool) -> Callable[[], float]:
-    """A closure running one optimizer step on the fixed batch, with or without DP-SGD."""
+class TorchNormal:
+    """The noise source Opacus uses without secure_mode (torch's generator), to price the CSPRNG's."""
+
+    def normal(self, shape: tuple[int, ...], std: float):
+        import torch
+
+        return torch.randn(shape, dtype=torch.float64) * std
+
+
+STEP_KINDS = ("plain", "dp", "dp_torch_noise")
+
+
+def make_step(mode: str, batch: int, kind: str) -> Callable[[], float]:
+    """A closure running one optimizer step on the fixed batch: plain, DP-SGD as sites run it (ChaCha20
+    noise), or the same DP-SGD step with torch-generator noise (what Opacus draws without secure_mode)."""
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
     from client.policy import RoundPlan
+    from client.secure_random import SecureRandom
     from client.trainer import make_private
     from common.objective import ldm_loss
 
+    if kind not in STEP_KINDS:
+        raise ValueError(f"step kind {kind!r} is not one of {STEP_KINDS}")
     ldm, latents, conditions = _step_setup(mode, batch)
     generator = torch.Generator().manual_seed(0)
     model: torch.nn.Module = ldm.denoiser.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-5)
-    if dp:
+    if kind != "plain":
         plan = RoundPlan(
             local_steps=1, expected_batch_size=batch, sample_rate=batch / 64, noise_multiplier=1.0,
             max_grad_norm=1.0, learning_rate=1e-5,
         )  # fmt: skip
-        loader = DataLoader(TensorDataset(latents, conditions), batch_size=batch)
-        model, optimizer, _ = make_private(model, optimizer, loader, plan)
+        noise = SecureRandom() if kind == "dp" else TorchNormal()
+        model, optimizer = make_private(model, optimizer, plan, noise)  # type: ignore[arg-type]
 
     def step() -> float:
         start = time.perf_counter()
@@ -103,17 +119,25 @@ def make_step(mode: str, batch: int, dp: bool) -> Callable[[], float]:
 
 
 def dp_step_timing(modes: tuple[str, ...], batch: int, repeats: int) -> dict:
-    """Median seconds per plain and DP step, alternating them after one warm-up step each."""
+    """Median seconds per plain step, DP step (secure noise) and DP step with torch noise, interleaved
+    after one warm-up step each; the ratios are DP over plain and secure noise over torch noise."""
     out = {}
     for mode in modes:
-        plain, private = make_step(mode, batch, dp=False), make_step(mode, batch, dp=True)
-        plain(), private()
-        times: dict[str, list[float]] = {"plain": [], "dp": []}
+        steps = {kind: make_step(mode, batch, kind) for kind in STEP_KINDS}
+        for step in steps.values():
+            step()
+        times: dict[str, list[float]] = {kind: [] for kind in STEP_KINDS}
         for _ in range(repeats):
-            times["plain"].append(plain())
-            times["dp"].append(private())
-        p, d = statistics.median(times["plain"]), statistics.median(times["dp"])
-        out[mode] = {"plain_step_s": round(p, 4), "dp_step_s": round(d, 4), "ratio": round(d / p, 3)}
+            for kind, step in steps.items():
+                times[kind].append(step())
+        p, d, t = (statistics.median(times[kind]) for kind in STEP_KINDS)
+        out[mode] = {
+            "plain_step_s": round(p, 4),
+            "dp_step_s": round(d, 4),
+            "ratio": round(d / p, 3),
+            "dp_torch_noise_step_s": round(t, 4),
+            "secure_noise_over_torch_noise": round(d / t, 3),
+        }
     return out
 
 
@@ -128,7 +152,7 @@ def _status_kib(field: str) -> int:
 
 def _memory_worker(mode: str, batch: int, dp: bool, steps: int) -> None:
     """Run in a fresh process: reset the peak, step, print the peak resident KiB the steps added."""
-    step = make_step(mode, batch, dp)
+    step = make_step(mode, batch, "dp" if dp else "plain")
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
@@ -209,8 +233,10 @@ def simulate_sites(yaml_paths: list[Path], rounds: int, steps: int, batch: int, 
                "--sites", ",".join(str(p) for p in yaml_paths)]  # fmt: skip
     import shutil
 
-    for ledgers in {p.parent / ".fedmri-ledger" for p in yaml_paths}:
-        shutil.rmtree(ledgers, ignore_errors=True)  # the bench's own sites: every run starts unspent
+    from sites.config import load_site
+
+    for yaml_path in yaml_paths:  # the bench's own sites: every run starts unspent (ledger, key, marker)
+        shutil.rmtree(load_site(yaml_path).home_dir, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)  # the bench's own run folder, replaced on a re-run
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     start = time.perf_counter()
@@ -279,6 +305,7 @@ def federation_overhead(work: Path, steps: int, batch: int, subjects: int = 12) 
     from common.finetune import FinetuneMode, configure, trainable_tensors
     from common.model import load_ldm
     from common.weights import base_model_dir
+    from sites.config import load_site
 
     base = load_ldm(base_model_dir())
     configure(base.denoiser, FinetuneMode.attention, 4)
@@ -286,13 +313,13 @@ def federation_overhead(work: Path, steps: int, batch: int, subjects: int = 12) 
     (yaml_path,) = bench_sites(work, 1, subjects)
     simulated = simulate_sites([yaml_path], 2, steps, batch, work / "federation")
     round_s = simulated["records"][1]["wall_s"]
-    shutil.rmtree(yaml_path.parent / ".fedmri-ledger", ignore_errors=True)
+    shutil.rmtree(load_site(yaml_path).home_dir, ignore_errors=True)  # the bench's own site starts unspent
 
     def standalone(server_round: int) -> float:
         start = time.perf_counter()
         proposal = Proposal(server_round, 2, steps, batch, 1e-4)
         run_site_round(
-            str(yaml_path), 1, proposal, global_tensors, "shipped", FinetuneMode.attention, 4, TrainSettings(), 0
+            str(yaml_path), 1, proposal, global_tensors, "shipped", FinetuneMode.attention, 4, TrainSettings()
         )
         return time.perf_counter() - start
 

@@ -146,3 +146,38 @@ def summary(
     except (SiteConfigError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
+
+
+@app.command("reset-ledger")
+def reset_ledger(
+    site_yaml: Annotated[Path, typer.Argument(metavar="SITE_YAML", help="The site's YAML file.")],
+    confirm: Annotated[str, typer.Option(help="The site id, typed out: this restarts the site's budget at ε = 0.")],
+) -> None:
+    """Let a site that has trained before start a fresh privacy ledger (its budget restarts at 0).
+
+    A site refuses to train when its ledger is missing, shorter than, or different from what its
+    marker (`trained.json` in the site home, beside node.key) recorded. Restore the ledger from
+    backup if you can. Run this only when the site's privacy officer has decided that a new
+    budget begins: the marker is kept (renamed with the date) and the old ledger, if present, is
+    set aside beside it, never deleted.
+    """
+    from client.identity import reset
+    from sites.config import SiteConfigError, load_site
+
+    try:
+        site = load_site(site_yaml)
+    except SiteConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    if confirm != site.site_id:
+        console.print(f"[red]error:[/red] --confirm must be the site id {site.site_id!r} (got {confirm!r})")
+        raise typer.Exit(2)
+    kept = reset(site.home_dir)
+    if kept is None:
+        console.print(f"{site.site_id}: no marker in {site.home_dir}; the site has never trained, nothing to reset")
+        return
+    if site.ledger_path.exists():
+        aside = site.ledger_path.with_name(f"{site.ledger_path.name}.{kept.name.rsplit('.', 1)[-1]}")
+        site.ledger_path.rename(aside)
+        console.print(f"old ledger set aside: {aside}")
+    console.print(f"{site.site_id}: marker kept as {kept}; the next round starts a fresh ledger at ε = 0")

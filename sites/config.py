@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,18 @@ class PrivacyPolicy:
     accept_server_overrides: bool = False  # may the server raise σ or lower C for a run?
     max_local_steps: int = 200  # per round
     allow_non_private: bool = False  # σ = 0 (ε = ∞) only if this is true
-    ledger_dir: str = "./.fedmri-ledger"  # relative to the YAML file; stays at the site
+    # The ledger's folder: an absolute path, or None for <site home>/ledger. Never relative: a
+    # ledger that moved with the YAML file would silently start again at ε = 0.
+    ledger_dir: str | None = None
+    # A smaller proposed batch is raised to this (or to N): empty Poisson draws stay rare (e^-B).
+    min_expected_batch_size: int = 8
+    # A second round at this site (another run, or an overlapping message) waits this long for
+    # the ledger held by the first, then declines. It never trains on a stale ledger.
+    round_wait_s: float = 900.0
+    # Evaluation aggregates are NOT covered by DP: take part at all, and over how many held-out
+    # subjects at least (per reported figure). The server can only ask for more, never fewer.
+    evaluate: bool = True
+    min_eval_subjects: int = 10
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:
@@ -149,6 +161,17 @@ class PrivacyPolicy:
             raise ValueError(f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}")
         if self.max_local_steps < 1:
             raise ValueError(f"privacy.max_local_steps must be >= 1, got {self.max_local_steps}")
+        if self.min_expected_batch_size < 1:
+            raise ValueError(f"privacy.min_expected_batch_size must be >= 1, got {self.min_expected_batch_size}")
+        if not self.round_wait_s >= 0:
+            raise ValueError(f"privacy.round_wait_s must be >= 0 seconds, got {self.round_wait_s}")
+        if self.min_eval_subjects < 1:
+            raise ValueError(f"privacy.min_eval_subjects must be >= 1, got {self.min_eval_subjects}")
+        if self.ledger_dir is not None and not Path(self.ledger_dir).expanduser().is_absolute():
+            raise ValueError(
+                f"privacy.ledger_dir must be an absolute path, got {self.ledger_dir!r}: a relative ledger would "
+                "move with the YAML file and restart the budget at 0 (omit it to use <home>/ledger)"
+            )
 
 
 @dataclass(frozen=True)
@@ -159,10 +182,30 @@ class SiteConfig:
     data: DataSpec
     synthetic: SyntheticSpec | None = None
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    # The site's home: its ledger, its signing key (node.key, node.pub) and the marker that it has
+    # trained. An absolute path, or None for $FEDMRI_HOME/sites/<site_id> (FEDMRI_HOME: ~/.fedmri).
+    home: str | None = None
 
     def __post_init__(self) -> None:
         if not self.site_id or not all(c.isalnum() or c in "-_" for c in self.site_id):
             raise ValueError(f"site_id must be non-empty letters, digits, '-' or '_', got {self.site_id!r}")
+        if self.home is not None and not Path(self.home).expanduser().is_absolute():
+            raise ValueError(
+                f"home must be an absolute path, got {self.home!r}: the site's ledger and key must not move "
+                "with the YAML file"
+            )
+
+    @property
+    def home_dir(self) -> Path:
+        """The site home (see `home`)."""
+        if self.home is not None:
+            return Path(self.home).expanduser()
+        return Path(os.environ.get("FEDMRI_HOME", "~/.fedmri")).expanduser() / "sites" / self.site_id
+
+    @property
+    def ledger_path(self) -> Path:
+        folder = self.privacy.ledger_dir
+        return (Path(folder).expanduser() if folder else self.home_dir / "ledger") / f"{self.site_id}.json"
 
 
 def load_site(path: str | Path) -> SiteConfig:
@@ -190,8 +233,7 @@ def load_site(path: str | Path) -> SiteConfig:
         fov_mm=site.data.fov_mm,
         holdout_fraction=site.data.holdout_fraction,
     )
-    privacy = dataclasses.replace(site.privacy, ledger_dir=str((path.parent / site.privacy.ledger_dir).resolve()))
-    return SiteConfig(site_id=site.site_id, data=data, synthetic=site.synthetic, privacy=privacy)
+    return dataclasses.replace(site, data=data)
 
 
 def site_from_dict(raw: dict, source: str = "<dict>") -> SiteConfig:

@@ -225,9 +225,13 @@ def _write_participants(root: Path, rows: list[dict]) -> None:
 
 
 def write_site_yaml(site: SiteConfig, out_dir: Path) -> Path:
-    """Write the site's YAML beside its data, with bids_root relative to the YAML file."""
+    """Write the site's YAML beside its data, with bids_root relative to the YAML file.
+
+    The site's home (ledger, signing key) is written as an absolute path: moving the YAML file
+    later does not move, and so cannot reset, the site's privacy budget."""
     raw = site_to_dict(site)
     raw["data"]["bids_root"] = f"./{site.site_id}"
+    raw["home"] = site.home or str((out_dir / ".fedmri-home" / site.site_id).resolve())
     path = out_dir / f"{site.site_id}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -44,10 +44,11 @@ def reference_sites() -> list[SiteConfig]:
     return [site_from_dict(_yaml(p), source=str(p)) for p in paths]
 
 
-def _variant(template: str, site_id: str, seed: int, **synthetic: object) -> SiteConfig:
-    """A demo hospital YAML with a new id, seed and overridden `synthetic` fields."""
+def _variant(template: str, site_id: str, seed: int, privacy: dict | None = None, **synthetic: object) -> SiteConfig:
+    """A demo hospital YAML with a new id, seed, overridden `synthetic` fields and privacy policy fields."""
     raw = copy.deepcopy(_yaml(HOSPITALS_DIR / "demo" / f"{template}.yaml"))
     raw["site_id"] = site_id
+    raw["privacy"] = {**raw.get("privacy", {}), **(privacy or {})}
     raw["data"] = {**raw["data"], "bids_root": f"./{site_id}", "cache_dir": f"./.fedmri-cache/{site_id}"}
     raw["synthetic"] = {**raw["synthetic"], "seed": seed, **synthetic}
     return site_from_dict(raw, source=f"scenario variant of {template}.yaml")
@@ -69,10 +70,12 @@ def _tiny() -> Scenario:
         "intensity_scale": 1000,
         "orientation": "LPS",
     }
+    # 4 subjects leave at most one held out: these test sites' own policies accept a cohort of one.
+    tiny = {"min_eval_subjects": 1}
     a = _variant(
-        "hospital-a", "tiny-a", 11, num_subjects=4, pathology_mix={"healthy": 0.5, "glioma": 0.5}, scanner=coarse
+        "hospital-a", "tiny-a", 11, tiny, num_subjects=4, pathology_mix={"healthy": 0.5, "glioma": 0.5}, scanner=coarse
     )
-    b = _variant("hospital-c", "tiny-b", 12, num_subjects=4, scanner={**coarse, "orientation": "RAS"})
+    b = _variant("hospital-c", "tiny-b", 12, tiny, num_subjects=4, scanner={**coarse, "orientation": "RAS"})
     public = _variant("hospital-b", "tiny-public", 13, num_subjects=4, pathology_mix={"healthy": 1.0}, scanner=coarse)
     return Scenario("tiny", "two 4-subject sites at 3 mm, for tests", [a, b], [public])
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Site homes that a YAML does not name go under $FEDMRI_HOME: never the developer's ~/.fedmri.
+# Set at import, so that every subprocess a test starts (Flower, Ray, the CLI) inherits it.
+os.environ["FEDMRI_HOME"] = tempfile.mkdtemp(prefix="fedmri-home-")
 
 from sites import scenarios
 from sites.cli import make_scenario_sites

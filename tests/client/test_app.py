@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -14,6 +17,7 @@ from client.app import train
 from common.finetune import FinetuneMode, configure, trainable_tensors
 from common.model import load_ldm
 from common.run_config import RunConfig
+from common.signed_entries import tensor_digest
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +33,7 @@ def site_yaml(tiny_sites: Path, tmp_path: Path, **privacy: object) -> Path:
     raw = yaml.safe_load((tiny_sites / "tiny-b.yaml").read_text())
     raw["data"]["bids_root"] = str(tiny_sites / "tiny-b")
     raw["data"]["cache_dir"] = str(tiny_sites / ".fedmri-cache" / "tiny-b")
+    raw["home"] = str(tmp_path / "home")  # its own ledger, key and marker
     raw["privacy"] = {**raw.get("privacy", {}), "ledger_dir": str(tmp_path / "ledger"), "accountant": "rdp", **privacy}
     path = tmp_path / "tiny-b.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -70,8 +75,14 @@ def test_reply_carries_only_trainable_tensors_and_whitelisted_scalars(
     assert not any(t.shape[-2:] == (64, 64) for t in sent.values())  # nothing image-shaped
     assert set(content["metrics"]) <= set(site_round.METRIC_KEYS)
     assert all(isinstance(v, float) for v in content["metrics"].values())  # scalars, no per-subject lists
-    assert set(content["reply"]) == {"site-id", "status", "notes", "accountant"}
+    assert set(content["reply"]) == {"site-id", "status", "notes", "accountant", "entries"}
     assert content["reply"]["status"] == "trained" and content["reply"]["accountant"] == "rdp"
+    # The signed ledger entry for this round: the digests of what the site received and what it sent.
+    (entry,) = json.loads(content["reply"]["entries"])
+    assert entry["status"] == "trained" and entry["server_round"] == 1 and entry["signature"]
+    assert entry["global_digest"] == tensor_digest(msg.content["arrays"].to_torch_state_dict())
+    assert entry["update_digest"] == tensor_digest(sent)
+    assert entry == json.loads((tmp_path / "ledger" / "tiny-b.json").read_text())["entries"][-1]
 
 
 def test_ledger_is_written_and_continues_after_a_restart(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
@@ -112,3 +123,38 @@ def test_unknown_node_gets_a_clear_error(tiny_base: Path) -> None:
     ctx = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config=RunConfig().to_flower())
     with pytest.raises(ValueError, match="site-config"):
         train(train_message(tiny_base), ctx)
+
+
+def test_the_seed_ranking_attack_finds_nothing(
+    tiny_sites: Path, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server knows the tensors it sent and gets the update back. It guesses that the site seeded
+    torch's generator from os.urandom and regenerates Opacus's noise for each candidate seed. Every
+    os.urandom draw the site made, read as a 32- or 64-bit seed either way round, is among the
+    candidates, with 400 random ones. No candidate may correlate with the update above chance."""
+    drawn: list[bytes] = []
+    real_urandom = os.urandom
+
+    def recording(n: int) -> bytes:
+        drawn.append(real_urandom(n))
+        return drawn[-1]
+
+    path = site_yaml(tiny_sites, tmp_path, min_noise_multiplier=50.0, max_epsilon=100.0)  # noise dominates
+    msg = train_message(tiny_base, 1, **{"local-steps": 1})
+    initial = msg.content["arrays"].to_torch_state_dict()
+    monkeypatch.setattr(os, "urandom", recording)
+    reply = train(msg, context(path))
+    monkeypatch.setattr(os, "urandom", real_urandom)
+    assert reply.content["reply"]["status"] == "trained" and drawn, "the site drew nothing from os.urandom"
+    after = reply.content["arrays"].to_torch_state_dict()
+    observed = torch.cat([(after[k] - initial[k]).flatten() for k in initial])
+
+    candidates = {int.from_bytes(b[:width], order) for b in drawn for width in (4, 8) for order in ("little", "big")}
+    candidates |= set(np.random.default_rng(0).integers(0, 2**32, 400).tolist())
+    scores = []
+    for seed in sorted(candidates):
+        generator = torch.Generator().manual_seed(seed & (2**63 - 1))
+        guess = torch.cat([torch.normal(0.0, 1.0, t.shape, generator=generator).flatten() for t in initial.values()])
+        scores.append(abs(torch.corrcoef(torch.stack([observed, guess]))[0, 1].item()))
+    chance = 5.0 / observed.numel() ** 0.5  # 5 standard errors of a correlation between independent vectors
+    assert max(scores) < chance, f"a candidate seed explains the update (|r| = {max(scores):.3f})"

@@ -21,7 +21,7 @@ PROPOSAL = Proposal(server_round=1, num_rounds=3, local_steps=20, batch_size=10,
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Ledger:
-    return Ledger.open(tmp_path / "a.json", "a", 100, 1e-5, 1.0, "rdp")
+    return Ledger.open(tmp_path / "a.json", "a", 100, 1e-5, 1.0, "rdp", tmp_path / "home")
 
 
 def test_calibrated_round_fits_the_budget_for_all_planned_rounds(ledger: Ledger) -> None:
@@ -68,13 +68,30 @@ def test_spent_budget_declines(ledger: Ledger) -> None:
 
 
 def test_a_server_that_understates_rounds_only_gets_the_budget_once(ledger: Ledger) -> None:
-    liar = dataclasses.replace(PROPOSAL, num_rounds=1)
-    first = decide(POLICY, ledger, liar, run_id=1)
-    assert first.plan is not None
-    segment = Segment(first.plan.sample_rate, first.plan.noise_multiplier, first.plan.local_steps)
-    ledger.append(LedgerEntry(1, 1, "trained", segment, first.projected_epsilon, 0.0))
-    second = decide(POLICY, ledger, dataclasses.replace(liar, server_round=2), run_id=1)
-    if second.plan is not None:  # whatever it gets must still fit the lifetime budget
-        assert second.projected_epsilon <= POLICY.max_epsilon
-    else:
-        assert second.status == "declined"
+    liar = dataclasses.replace(PROPOSAL, num_rounds=1)  # "this is the last round", every round
+    sigmas, statuses = [], []
+    for server_round in range(1, 6):
+        decision = decide(POLICY, ledger, dataclasses.replace(liar, server_round=server_round), run_id=1)
+        statuses.append(decision.status)
+        if decision.plan is not None:
+            plan = decision.plan
+            sigmas.append(plan.noise_multiplier)
+            segment = Segment(plan.sample_rate, plan.noise_multiplier, plan.local_steps)
+            ledger.append(LedgerEntry(1, server_round, "trained", segment, decision.projected_epsilon, 0.0))
+    spent = epsilon(ledger.segments(), ledger.delta, "rdp")  # recomputed from what was recorded
+    assert spent <= POLICY.max_epsilon
+    assert epsilon(ledger.segments()[:1], ledger.delta, "rdp") > 0.95 * POLICY.max_epsilon  # the budget, once
+    assert all(s > 3 * sigmas[0] for s in sigmas[1:])  # later rounds only get the crumbs: much more noise
+    assert statuses[-1] == "declined"
+
+
+def test_small_batches_are_raised_and_a_zero_or_negative_clip_is_refused(ledger: Ledger) -> None:
+    decision = decide(POLICY, ledger, dataclasses.replace(PROPOSAL, batch_size=1), run_id=1)
+    assert decision.plan is not None and decision.plan.expected_batch_size == POLICY.min_expected_batch_size == 8
+    assert "raised from 1 to the policy's minimum 8" in " ".join(decision.notes)
+    trusting = dataclasses.replace(POLICY, accept_server_overrides=True)
+    for clip in (0.0, -1.0, float("nan")):
+        refused = decide(trusting, ledger, dataclasses.replace(PROPOSAL, max_grad_norm=clip), run_id=1)
+        assert refused.status == "refused" and refused.plan is None, clip
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        PrivacyPolicy(max_grad_norm=0.0)

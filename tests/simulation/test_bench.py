@@ -23,14 +23,13 @@ def test_bench_measures_every_key_at_smoke_sizes(tmp_path: Path) -> None:
     steps = result["dp_step_over_plain_step"]
     for mode in bench.MODES:
         assert steps[mode]["dp_step_s"] > 0 and steps[mode]["plain_step_s"] > 0
-        # The times are printed rounded to 0.1 ms; the ratio comes from the unrounded ones.
-        assert steps[mode]["ratio"] == pytest.approx(steps[mode]["dp_step_s"] / steps[mode]["plain_step_s"], rel=0.05)
+        assert steps[mode]["dp_torch_noise_step_s"] > 0 and steps[mode]["secure_noise_over_torch_noise"] > 0
     assert steps["lora"]["peak_memory"]["dp_step_peak_mib"] > 0
     uploads = result["upload_bytes_per_round"]
     assert uploads["full"]["bytes"] > uploads["attention"]["bytes"] > uploads["lora"]["bytes"] > 0
     assert uploads["lora"]["full_over_mode"] >= 50  # the lora target holds by construction of rank-4 adapters
     overhead = result["federation_overhead"]
-    assert overhead["ratio"] == pytest.approx(overhead["simulated_round_s"] / overhead["standalone_round_s"], rel=0.05)
+    assert overhead["simulated_round_s"] > 0 and overhead["standalone_round_s"] > 0
     sampler = result["sampler_speedup"]
     assert sampler["ddpm"]["steps"] == 10 and 0 <= sampler["dpm++"]["modality_adherence"] <= 1
     assert result["scale"]["2"]["accepted"] == 2 and result["scale"]["2"]["peak_rss_mib"] > 100

@@ -21,7 +21,7 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     assert all(r["accepted"] == 2 for r in records)
-    for name in ("loss.png", "epsilon.png", "model/fedmri.json", "checkpoints/round-0002/state.json"):
+    for name in ("sigma.png", "epsilon.png", "model/fedmri.json", "checkpoints/round-0002/state.json"):
         assert (out / name).exists(), name
     # Every site's cumulative ε agrees with dp-accounting's PLD recomputed from its ledger.
     for site in ("tiny-a", "tiny-b"):
