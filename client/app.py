@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -11,6 +12,7 @@ from client.evaluate import run_site_evaluation
 from client.policy import Proposal
 from client.round import run_site_round
 from client.trainer import TrainSettings
+from client.trusted_code import GUARDED_NODE
 from common.evaluator import EvalSettings
 from common.finetune import parse_mode
 from common.run_config import RunConfig
@@ -22,6 +24,10 @@ def site_yaml(context: Context, run: RunConfig) -> str:
     """The site's YAML: node_config 'site-config' (deployment), or partition-id into run config 'sites' (simulation)."""
     if "site-config" in context.node_config:
         return str(context.node_config["site-config"])
+    if os.environ.get(GUARDED_NODE):  # a deployed node: never a YAML path chosen by the server's run config
+        raise ValueError(
+            "this SuperNode has no site-config in its node config; `fedmri node start --site SITE.yaml` sets it"
+        )
     if "partition-id" in context.node_config and run.sites:
         sites = run.sites.split(",")
         return sites[int(context.node_config["partition-id"])]

@@ -210,18 +210,6 @@ def run_site_evaluation(
             f"evaluation answered, NOT covered by DP: {len(metrics)} aggregates over {cohort} held-out subjects "
             f"(at least {settings.min_subjects} per figure) and the training slices' FD floor and memorization audit"
         )
-        ledger.append(
-            LedgerEntry(
-                run_id,
-                0,
-                "evaluated",
-                None,
-                ledger.epsilon,
-                ledger.epsilon_rdp,
-                [note],
-                now(),
-                cohort,
-                tensor_digest(denoiser),
-            )  # fmt: skip
-        )
+        entry = LedgerEntry(run_id, 0, "evaluated", None, ledger.epsilon, ledger.epsilon_rdp, [note], now(), cohort)
+        ledger.append(dataclasses.replace(entry, global_digest=tensor_digest(denoiser)))  # what was evaluated
     return site.site_id, metrics, private_dir

@@ -168,10 +168,11 @@ class Ledger:
     def rounds_trained(self, run_id: int) -> int:
         return sum(1 for e in self.entries if e.run_id == run_id and e.status in SPENDING)
 
-    def since(self, head: str) -> list[dict[str, Any]]:
-        """The signed entries after the one whose hash is `head` (all of them if `head` is unknown)."""
+    def since(self, head: str, otherwise: int) -> list[dict[str, Any]]:
+        """The signed entries after the one whose hash is `head`; from index `otherwise` if `head` is
+        not in this ledger (a server that holds nothing of this site gets only the new entries)."""
         hashes = [e.hash for e in self.entries]
-        start = hashes.index(head) + 1 if head in hashes else 0
+        start = hashes.index(head) + 1 if head in hashes else otherwise
         return [e.to_json() for e in self.entries[start:]]
 
     def append(self, entry: LedgerEntry) -> LedgerEntry:

@@ -103,7 +103,8 @@ def run_site_round(
 
     A second round at this site waits up to privacy.round_wait_s for the lock, then declines.
     `ledger_heads` maps a site to the hash of its last ledger entry that the server holds: the
-    reply carries every signed entry after it (the whole ledger if the server holds none).
+    reply carries every signed entry after it (only this round's if the server holds none, or
+    names an entry this ledger does not have).
     """
     site, slices, _ = site_data(yaml_path)  # held-out subjects never reach the trainer
     n = len(slices.subjects)
@@ -112,7 +113,8 @@ def run_site_round(
         with Ledger.locked(path, site.privacy.round_wait_s):
             reply, ledger = _round_under_lock(site, slices, run_id, proposal, global_tensors, base_model, mode,
                                               lora_rank, settings, randomness or RoundRandomness())  # fmt: skip
-            return replace(reply, entries=ledger.since((ledger_heads or {}).get(site.site_id, "")))
+            head = (ledger_heads or {}).get(site.site_id, "")
+            return replace(reply, entries=ledger.since(head, otherwise=len(ledger.entries) - 1))
     except LedgerBusy as busy:
         metrics = {"num-subjects": float(n), "trained": 0.0}
         return SiteReply(site.site_id, "declined", None, metrics, [str(busy)], site.privacy.accountant)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the Flower App (holds pyproject.toml)
@@ -18,6 +20,35 @@ FEDERATION = "fedmri"  # the [superlink.<name>] entry `fedmri run` writes
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment for Flower processes: their own FLWR_HOME, no runtime `uv sync` (no index here)."""
     return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+CLIENTAPP_COMMAND = "flwr-clientapp"  # what flwr 1.41's SuperExec runs, by bare name, for each ClientApp
+GUARDED_CLIENTAPP = "import sys; from client.trusted_code import main; sys.exit(main())"
+
+
+def trusted_clientapp_env(env: dict[str, str], flwr_home: Path) -> dict[str, str]:
+    """`env` for a flower-supernode whose ClientApps run only the fedmri installed here.
+
+    flower-supernode starts flower-superexec, which starts each ClientApp as the bare command
+    `flwr-clientapp` (SubprocessExecutor.launch). This writes <flwr_home>/trusted-bin/flwr-clientapp,
+    which runs client/trusted_code.py's `main` with this Python, and puts it first on PATH.
+    `main` refuses a bundle whose code differs from this installation, and imports the ClientApp
+    from this installation. `-P`: the working directory is not put on sys.path.
+    """
+    bin_dir = (flwr_home / "trusted-bin").resolve()
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / CLIENTAPP_COMMAND
+    script.write_text(
+        "#!/bin/sh\n# Written by `fedmri node start`: the ClientApp runs only the fedmri installed here.\n"
+        f'exec {shlex.quote(sys.executable)} -P -c {shlex.quote(GUARDED_CLIENTAPP)} "$@"\n'
+    )
+    script.chmod(0o755)
+    guarded = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    if shutil.which(CLIENTAPP_COMMAND, path=guarded["PATH"]) != str(script):
+        raise ValueError(
+            f"{script} would not be the `{CLIENTAPP_COMMAND}` on PATH (is there a '{os.pathsep}' in {bin_dir}?)"
+        )
+    return guarded
 
 
 def superlink_command(certs: Path, host: str, port: int, database: Path) -> list[str]:
@@ -62,9 +93,9 @@ def register_command(public_key: Path) -> list[str]:
     return ["flwr", "supernode", "register", str(public_key.resolve()), FEDERATION]
 
 
-def run_command(run_config: str) -> list[str]:
+def run_command(run_config: str, app: Path = PROJECT_DIR) -> list[str]:
     """Start the federation (the ServerApp) on the consortium SuperLink and stream its log."""
-    command = ["flwr", "run", str(PROJECT_DIR), FEDERATION, "--stream"]
+    command = ["flwr", "run", str(app), FEDERATION, "--stream"]
     return [*command, "--run-config", run_config] if run_config else command
 
 

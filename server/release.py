@@ -76,7 +76,10 @@ def site_account(site: SiteRecord) -> SiteAccount:
         if len(values) > 1:
             raise RunDirError(f"site {site.site_id}: {name} changed in its signed ledger ({sorted(values)})")
     delta = entries[-1]["delta"]
-    accountant = site.accountant or "prv"
+    # The release states ε by the method `fedmri verify` recomputes it with (dp-accounting's PLD, or
+    # RDP for an RDP site), so claim and check agree to 0.1 %. A site's own ledger uses Opacus's PRV,
+    # which lies within about 0.2 % of the PLD value.
+    accountant = "rdp" if site.accountant == "rdp" else "pld"
     segments = [Segment(s["sample_rate"], s["noise_multiplier"], int(s["steps"])) for s in signed]
     eps = epsilon(segments, delta, accountant)
     return SiteAccount(
@@ -274,6 +277,9 @@ def build_release(run_dir: Path, out: Path, key_path: Path | None = None) -> tup
     base_dir = base_model_dir() if base == "shipped" else Path(base)
     base_model = {"name": SHIPPED_NAME if base == "shipped" else base_dir.name, "sha256": directory_digest(base_dir)}
     client_level = records[-1].get("client_level")
+    if client_level:  # the same method as the verifier's: dp-accounting PLD
+        parts = [Segment(x["sample_rate"], x["noise_multiplier"], int(x["steps"])) for x in client_level["segments"]]
+        client_level = {**client_level, "epsilon": epsilon(parts, client_level["delta"], "pld")}
     key = consortium_key(key_path or run_dir / "keys" / "consortium.key")
 
     save_ldm(load_ldm(model_dir), out)

@@ -236,6 +236,14 @@ def simulate(
     if not resume and (out / "metrics.jsonl").exists():
         console.print(f"[red]error:[/red] {out} already holds a run; continue it with --resume or choose a new --out")
         raise typer.Exit(2)
+    if base_model != "shipped":
+        from common.release import ReleaseError, parent_chains
+
+        try:  # a release's account carries forward; an unreleased run's model/ is refused
+            parent_chains(Path(base_model))
+        except (ValueError, ReleaseError) as err:
+            console.print(f"[red]error:[/red] --base-model: {err}")
+            raise typer.Exit(2) from None
     yaml_paths = make_scenario_sites(hospitals, sites_dir)
     run = dataclasses.replace(run, sites=",".join(str(p.resolve()) for p in yaml_paths))
     console.print(f"simulating {len(yaml_paths)} sites x {rounds} rounds ({mode}, {strategy}) -> {out}")
@@ -252,9 +260,28 @@ def simulate(
     if sum(r["accepted"] for r in records) == 0:
         console.print("[red]error:[/red] no site update was aggregated in any round; see the log above")
         raise typer.Exit(1)
+    keys = _collect_site_keys(yaml_paths, out / "keys")
     console.print(
-        f"done in {time.perf_counter() - start:.0f} s: {out}/model, {out}/loss.png, {out}/epsilon.png, {out}/metrics.jsonl"
+        f"done in {time.perf_counter() - start:.0f} s: {out}/model, {out}/sigma.png, {out}/epsilon.png, {out}/metrics.jsonl; "
+        f"the sites' public keys (for `fedmri verify --keys`): {keys}"
     )
+
+
+def _collect_site_keys(yaml_paths: list[Path], keys: Path) -> Path:
+    """Copy each simulated site's public key (node.pub in its home) to KEYS/<site_id>.pub.
+
+    In a deployment the consortium has these already: `fedmri certs` wrote them to certs/nodes/."""
+    import shutil
+
+    from client.identity import PUBLIC
+    from sites.config import load_site
+
+    keys.mkdir(parents=True, exist_ok=True)
+    for yaml_path in yaml_paths:
+        site = load_site(yaml_path)
+        if (site.home_dir / PUBLIC).exists():
+            shutil.copyfile(site.home_dir / PUBLIC, keys / f"{site.site_id}.pub")
+    return keys
 
 
 def _parse_modalities(text: str | None) -> list | None:
@@ -370,7 +397,7 @@ def demo(
     start = time.perf_counter()
     sites_dir, run_dir, release_dir = out / "sites", out / "federation", out / "release"
     grid_dir = out / "grid-0.3T"
-    for stale in (run_dir, release_dir, grid_dir, sites_dir / ".fedmri-ledger"):
+    for stale in (run_dir, release_dir, grid_dir, sites_dir / ".fedmri-home"):
         if stale.exists():
             console.print(f"demo: starting fresh, removing the previous demo's {stale}")
             shutil.rmtree(stale)
@@ -378,24 +405,24 @@ def demo(
     simulate(out=run_dir, scenario="demo", sites_dir=sites_dir, rounds=rounds, local_steps=local_steps, batch_size=16,
              learning_rate=1e-4, mode="attention", strategy="fedavg", base_model="shipped", resume=False,
              min_train_nodes=1, client_dp="off", client_dp_noise=1.0, client_dp_clip=1.0)  # fmt: skip
-    release(run_dir=run_dir, out=release_dir)
-    verify(release_dir=release_dir)
+    release(run_dir=run_dir, out=release_dir, key=None)
+    verify(release_dir=release_dir, keys=run_dir / "keys")
     generate(out=grid_dir, model=release_dir, prompt=None, n=0, grid=True, field_strength=0.3, modalities=None,
              pathologies=None, steps=25, guidance=3.0, sampler="dpm++", seed=0, skip_verify=False)  # fmt: skip
     manifest = json.loads((release_dir / "privacy.json").read_text())
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     table = Table(title=f"fedmri demo: {last['round']} rounds in {time.perf_counter() - start:.0f} s")
-    for column in ("site", "subjects", "ε (PRV)", "ε (RDP)", "δ", "DP steps", "last loss"):
+    for column in ("site", "subjects", "ε (PRV)", "ε (RDP)", "δ", "DP steps", "last σ"):
         table.add_column(column)
     for site in manifest["sites"]:
         steps = sum(s["steps"] for s in site["segments"])
-        loss = last["sites"].get(site["site_id"], {}).get("loss", float("nan"))
+        sigma = last["sites"].get(site["site_id"], {}).get("noise-multiplier", float("nan"))
         table.add_row(site["site_id"], str(site["num_subjects"]), f"{site['epsilon']:.2f}", f"{site['epsilon_rdp']:.2f}",
-                      f"{site['delta']:.0e}", str(steps), f"{loss:.4f}")  # fmt: skip
+                      f"{site['delta']:.0e}", str(steps), f"{sigma:.2f}")  # fmt: skip
     console.print(table)
     console.print(f"release (verified): {release_dir}  (model card: {release_dir / 'README.md'})")
     console.print(f"grid (0.3 T, every modality x pathology, from the release): {grid_dir / 'grid.png'}")
-    console.print(f"plots: {run_dir / 'loss.png'}, {run_dir / 'epsilon.png'}\nsites and contact sheets: {sites_dir}")
+    console.print(f"plots: {run_dir / 'sigma.png'}, {run_dir / 'epsilon.png'}\nsites and contact sheets: {sites_dir}")
     console.print(
         f"evaluate it at the sites (about 5 min): fedmri evaluate --model {release_dir} --scenario demo "
         f"--sites {sites_dir} --out {out / 'evaluation'}"
@@ -503,18 +530,27 @@ def _check_before_loading(model: Path, skip_verify: bool) -> None:
 def release(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (fedmri simulate --out, or run-dir).")],
     out: Annotated[Path, typer.Option(help="New release directory.")],
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The consortium's signing key (`fedmri certs` wrote consortium.key). Default: "
+            "RUN_DIR/keys/consortium.key, created if missing."
+        ),
+    ] = None,
 ) -> None:
-    """Package a finished federation as a privacy-accounted release.
+    """Package a finished federation as a privacy-accounted, signed release.
 
     Writes a diffusers directory (vae/, unet/, condition_encoder/, scheduler/, safetensors only),
-    privacy.json (every site's DP-SGD segments, ε, δ, and the sha256 of every file) and a
-    README.md model card. Then check it with `fedmri verify OUT`.
+    privacy.json (every site's DP-SGD segments, ε, δ, its signed ledger entries, and the sha256
+    of every file), privacy.sig (the consortium's signature over it) and a README.md model card.
+    The account comes from the run's last checkpoint. Then check it with
+    `fedmri verify OUT --keys DIR`.
     """
     from server.checkpoint import CheckpointError
     from server.release import RunDirError, build_release
 
     try:
-        _, manifest = build_release(run_dir, out)
+        _, manifest = build_release(run_dir, out, key)
     except (RunDirError, CheckpointError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
@@ -530,20 +566,30 @@ def release(
 @app.command()
 def verify(
     release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="A release directory.")],
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of public keys: <site_id>.pub per site and consortium.pub "
+            "(`fedmri certs` wrote them to certs/nodes/; a simulation to RUN_DIR/keys/)."
+        ),
+    ] = None,
 ) -> None:
     """Check a release without trusting fedmri's training code.
 
-    Rehashes every file against privacy.json (a changed, missing or extra file fails) and
-    recomputes every site's ε from its segments with Google's dp-accounting (PLD for a PRV
-    claim, dp-accounting's RDP for an RDP claim). A claimed ε below the recomputation, or more
-    than 5% above it, fails. Exit code 0 only if everything checks.
+    Rehashes every file against privacy.json (a changed, missing or extra file fails); checks
+    each site's hash-chained ledger entries and that the claimed segments are exactly the signed
+    ones; with --keys, checks every site's signature on every entry and the consortium's on
+    privacy.json; and recomputes every site's ε from its segments with Google's dp-accounting
+    (PLD for a PRV claim, dp-accounting's RDP for an RDP claim). A claimed ε below the
+    recomputation, or more than 0.1% above it, fails (a release states ε by the
+    verifier's own method). Exit code 0 only if everything checks.
     """
     from rich.table import Table
 
     from common.release import ReleaseError, verify_release
 
     try:
-        checked = verify_release(release_dir)
+        checked = verify_release(release_dir, keys)
     except ReleaseError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
@@ -555,6 +601,13 @@ def verify(
                       f"{c.recomputed:.3f}", "RDP" if c.accountant == "rdp" else "PLD")  # fmt: skip
     console.print(table)
     console.print(f"base model: {checked.base_model.get('name')} (sha256 {checked.base_model.get('sha256', '')[:16]}…)")
+    if checked.parent:
+        console.print(f"parent release: {checked.parent['name']} (sha256 {checked.parent['sha256'][:16]}…): its "
+                      "sites' signed entries continue in this release and compose into the ε above")  # fmt: skip
+    if checked.signatures_checked:
+        console.print(f"signatures: every ledger entry and privacy.json verify with the keys in {keys}")
+    else:
+        console.print("[yellow]signatures NOT checked[/yellow] (chains and hashes only): pass --keys DIR")
     console.print("[green]verified[/green]")
 
 
@@ -617,7 +670,13 @@ def certs(
     console.print(f"CA: {files.ca_cert} (private key {files.ca_key}: keep offline)")
     console.print(f"SuperLink: {files.superlink_cert}, {files.superlink_key} for {', '.join(host)}")
     for name, (private, public) in files.node_keys.items():
-        console.print(f"{name}: give the site {private}; register {public}")
+        console.print(
+            f"{name}: give the site {private} and {public} (its home's node.key / node.pub); register {public}"
+        )
+    console.print(
+        f"releases: sign with {files.consortium_key[0]} (`fedmri release --key`); "
+        f"verify with `fedmri verify RELEASE --keys {files.consortium_key[1].parent}`"
+    )
 
 
 @server_app.command("start")
@@ -665,19 +724,26 @@ def node_start(
     """Run flower-supernode for this hospital (foreground; Ctrl-C stops it).
 
     The site YAML is passed as node_config `site-config`; data, cache and ledger stay here.
+    Only the fedmri installed here runs: a run whose bundle (the code `flwr run` ships) differs
+    from it is refused, naming the files (client/trusted_code.py). There is no switch to turn this off.
     After a crash, the SuperLink refuses to reactivate the node until it has missed two
     heartbeats (flower-supernode then fails with Flower exit code 305). A failed node is
     restarted every 15 s, up to --retries times.
     """
-    from server.deploy import flower_env, supernode_command
+    from client.trusted_code import installed_root
+    from server.deploy import flower_env, supernode_command, trusted_clientapp_env
     from sites.config import SiteConfigError, load_site
 
     try:
         load_site(site_yaml)  # fail here, with the field named, rather than in the first round
+        env = trusted_clientapp_env(flower_env(flwr_home), flwr_home)
     except (OSError, SiteConfigError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    _exec(supernode_command(site_yaml, superlink, root_cert, key, port), flower_env(flwr_home), retries)
+    console.print(
+        f"Only the fedmri installed at {installed_root()} runs here: a run whose bundle differs from it is refused."
+    )
+    _exec(supernode_command(site_yaml, superlink, root_cert, key, port), env, retries)
 
 
 @app.command("run")

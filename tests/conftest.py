@@ -43,3 +43,33 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tiny_sites: Path) -> Pat
     cfg = PretrainConfig(vae_steps=5, unet_steps=5, batch_size=4)
     pretrain(slice_table(data.images, conditions), out, cfg, spec=spec, command="tests/conftest.py tiny_base")
     return out
+
+
+@pytest.fixture
+def private_sites(tiny_sites: Path, tmp_path: Path) -> Path:
+    """Copies of tiny-a and tiny-b with their own site homes: fresh ledgers, keys and markers."""
+    import shutil
+
+    import yaml
+
+    sites = tmp_path / "sites"
+    for name in ("tiny-a", "tiny-b"):
+        shutil.copytree(tiny_sites / name, sites / name)
+        raw = yaml.safe_load((tiny_sites / f"{name}.yaml").read_text())
+        raw["home"] = str(sites / ".fedmri-home" / name)
+        (sites / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return sites
+
+
+def _ledger_of(yaml_path: Path) -> dict:
+    import json
+
+    from sites.config import load_site
+
+    return json.loads(load_site(yaml_path).ledger_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def ledger_of():
+    """ledger_of(site_yaml): the site's ledger file, parsed, from where its YAML says it is."""
+    return _ledger_of

@@ -158,3 +158,15 @@ def test_the_seed_ranking_attack_finds_nothing(
         scores.append(abs(torch.corrcoef(torch.stack([observed, guess]))[0, 1].item()))
     chance = 5.0 / observed.numel() ** 0.5  # 5 standard errors of a correlation between independent vectors
     assert max(scores) < chance, f"a candidate seed explains the update (|r| = {max(scores):.3f})"
+
+
+def test_a_guarded_node_never_takes_its_yaml_from_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.app import site_yaml as yaml_of
+    from client.trusted_code import GUARDED_NODE
+
+    run = RunConfig(sites="/server/chosen/lenient-policy.yaml")
+    ctx = Context(run_id=7, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    assert yaml_of(ctx, run) == "/server/chosen/lenient-policy.yaml"  # simulation: the partition's YAML
+    monkeypatch.setenv(GUARDED_NODE, "1")  # what `fedmri node start`'s ClientApp process sets
+    with pytest.raises(ValueError, match="no site-config in its node config"):
+        yaml_of(ctx, run)

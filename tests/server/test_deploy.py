@@ -20,11 +20,13 @@ from typer.testing import CliRunner
 
 from server.certs import make_certs
 from server.deploy import (
+    PROJECT_DIR,
     flower_env,
     register_command,
     run_command,
     superlink_command,
     supernode_command,
+    trusted_clientapp_env,
     write_flwr_config,
 )
 from simulation.cli import app
@@ -60,6 +62,10 @@ def test_every_wrapper_prints_the_exact_flower_command(tmp_path: Path) -> None:
     )  # fmt: skip
     assert "running: flower-supernode --superlink 127.0.0.1:1 --root-certificates" in " ".join(result.output.split())
     assert "--auth-supernode-private-key" in result.output and "site-config=" in result.output
+    # On by default: the node's ClientApps are started by the guarded flwr-clientapp (client/trusted_code.py).
+    assert "a run whose bundle differs from it is refused" in " ".join(result.output.split())
+    wrapper = tmp_path / "home" / "trusted-bin" / "flwr-clientapp"
+    assert "client.trusted_code" in wrapper.read_text() and os.access(wrapper, os.X_OK)
 
 
 def _free_port() -> int:
@@ -96,10 +102,10 @@ class Cluster:
         env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
         return env
 
-    def start(self, command: list[str], name: str) -> subprocess.Popen:
+    def start(self, command: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.tmp / f"{name}.log", "a") as log:
             process = subprocess.Popen(
-                command, env=self.env(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command, env=env or self.env(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.processes[name] = process
         return process
@@ -122,8 +128,9 @@ class Cluster:
         assert done.returncode == 0, done.stdout + done.stderr
 
     def start_node(self, site_yaml: Path, key_of: str, name: str) -> subprocess.Popen:
+        """flower-supernode as `fedmri node start` runs it: only the installed fedmri runs in its ClientApps."""
         command = supernode_command(site_yaml, self.address, self.certs.ca_cert, self.certs.node_keys[key_of][0], _free_port())  # fmt: skip
-        return self.start(command, name)
+        return self.start(command, name, trusted_clientapp_env(self.env(name), self.tmp / f"{name}-home"))
 
     def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
         process = self.processes[name]
@@ -140,17 +147,9 @@ class Cluster:
             self.kill(name)
 
 
-def private_sites(tiny_sites: Path, tmp_path: Path) -> Path:
-    sites = tmp_path / "sites"
-    for name in ("tiny-a", "tiny-b"):  # private copies: fresh ledgers
-        shutil.copytree(tiny_sites / name, sites / name)
-        shutil.copy(tiny_sites / f"{name}.yaml", sites / f"{name}.yaml")
-    return sites
-
-
 @pytest.mark.slow
-def test_tls_federation_with_node_authentication(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
-    sites = private_sites(tiny_sites, tmp_path)
+def test_tls_federation_with_node_authentication(private_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
+    sites = private_sites
     cluster = Cluster(tmp_path, ["tiny-a", "tiny-b", "intruder"])
     try:
         cluster.start_superlink()
@@ -198,9 +197,9 @@ def _wait_for_rounds(metrics: Path, rounds: int, run: subprocess.Popen, seconds:
 
 @pytest.mark.slow
 def test_a_killed_node_is_left_out_and_rejoins_with_its_ledger(
-    tiny_sites: Path, tiny_base: Path, tmp_path: Path
+    private_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of
 ) -> None:
-    sites = private_sites(tiny_sites, tmp_path)
+    sites = private_sites
     cluster = Cluster(tmp_path, ["tiny-a", "tiny-b"])
     try:
         cluster.start_superlink()
@@ -246,10 +245,62 @@ def test_a_killed_node_is_left_out_and_rejoins_with_its_ledger(
         # kill, and the one-site rounds are quick, so 4 rounds were sometimes over before it came back.
         assert rejoined, [(r["round"], r["wall_s"], sorted(r["sites"])) for r in records]
 
-        ledger = json.loads((sites / ".fedmri-ledger" / "tiny-b.json").read_text())  # parses: never torn
+        ledger = ledger_of(sites / "tiny-b.yaml")  # parses: never torn
         trained = [e for e in ledger["entries"] if e["status"] == "trained"]
         assert trained[0]["server_round"] == 1 and trained[-1]["server_round"] == rejoined[-1]
         assert trained[-1]["epsilon"] > trained[0]["epsilon"]  # spending continued from the ledger
         assert records[-1]["sites"]["tiny-b"]["epsilon"] == pytest.approx(trained[-1]["epsilon"])
+    finally:
+        cluster.stop_all()
+
+
+@pytest.mark.slow
+def test_a_node_refuses_a_bundle_whose_client_code_differs(
+    private_sites: Path, tiny_base: Path, tmp_path: Path
+) -> None:
+    """The server ships fedmri with client/trainer.py edited; the hospital's `fedmri node start` refuses the run."""
+    sites = private_sites
+    bundle = tmp_path / "bundle"  # the project as the server has it: this checkout, one file edited
+    bundle.mkdir()
+    for name in ("pyproject.toml", ".gitignore", "README.md"):
+        shutil.copy(PROJECT_DIR / name, bundle / name)
+    for package in ("client", "common", "server", "sites", "simulation"):
+        shutil.copytree(PROJECT_DIR / package, bundle / package, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))  # fmt: skip
+    ran = tmp_path / "the-servers-trainer-ran"
+    trainer = bundle / "client" / "trainer.py"
+    trainer.write_text(
+        trainer.read_text() + f"\n__import__('pathlib').Path({str(ran)!r}).touch()  # the server's edit\n"
+    )
+
+    cluster = Cluster(tmp_path, ["tiny-a"])
+    try:
+        cluster.start_superlink()
+        cluster.register("tiny-a")
+        node = cluster.start(
+            [str(BIN / "fedmri"), "node", "start", "--site", str(sites / "tiny-a.yaml"), "--superlink", cluster.address,
+             "--root-cert", str(cluster.certs.ca_cert), "--key", str(cluster.certs.node_keys["tiny-a"][0]),
+             "--port", str(_free_port()), "--flwr-home", str(tmp_path / "tiny-a-home"), "--retries", "0"],
+            "tiny-a",
+        )  # fmt: skip
+        out = tmp_path / "run"
+        overrides = f"num-server-rounds=1 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=120.0 base-model='{tiny_base}' run-dir='{out}'"  # fmt: skip
+        result = subprocess.run(
+            run_command(overrides, app=bundle), env=cluster.cli_env, capture_output=True, text=True, timeout=400
+        )
+        streamed = result.stdout + result.stderr
+        node_log = cluster.log("tiny-a")
+
+        assert not ran.exists(), "the server's edited client/trainer.py ran at the site"
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert records[0]["accepted"] == 0, records
+        [site] = records[0]["sites"].values()  # the refusal is the site's reply
+        assert site["status"] == "error" and "fedmri refused this run" in site["notes"][0], site
+        assert "client/trainer.py: differs from the installed file" in site["notes"][0]
+        assert "fedmri refused this run" in streamed, streamed[-3000:]
+        assert "client/trainer.py: differs from the installed file" in node_log, node_log[-3000:]
+        assert node.poll() is None  # the node stays up for a run of the code it has
+        from sites.config import load_site
+
+        assert not load_site(sites / "tiny-a.yaml").ledger_path.exists()  # nothing decided, nothing spent
     finally:
         cluster.stop_all()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,11 +25,8 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_flwr_run_with_run_config_overrides(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
-    sites = tmp_path / "sites"
-    for name in ("tiny-a", "tiny-b"):  # private copies: fresh ledgers
-        shutil.copytree(tiny_sites / name, sites / name)
-        shutil.copy(tiny_sites / f"{name}.yaml", sites / f"{name}.yaml")
+def test_flwr_run_with_run_config_overrides(private_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of) -> None:
+    sites = private_sites  # private copies: fresh ledgers
     home, port = tmp_path / "flwr-home", free_port()
     home.mkdir()
     (home / "config.toml").write_text(
@@ -70,7 +66,7 @@ def test_flwr_run_with_run_config_overrides(tiny_sites: Path, tiny_base: Path, t
         assert records[0]["accepted"] == 2, log[-4000:]
         assert (out / "model" / "fedmri.json").exists()
         for site in ("tiny-a", "tiny-b"):  # each node found its own site: its own ledger has the round
-            ledger = json.loads((sites / ".fedmri-ledger" / f"{site}.json").read_text())
+            ledger = ledger_of(sites / f"{site}.yaml")
             assert [e["server_round"] for e in ledger["entries"] if e["status"] == "trained"] == [1]
     finally:
         os.killpg(superlink.pid, signal.SIGTERM)

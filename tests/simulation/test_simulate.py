@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from common.privacy import Segment, epsilon
+from common.release import directory_digest
 from simulation.cli import app
 
 
-def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
+def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of) -> None:
+    tiny_sites = private_sites
     out = tmp_path / "run"
     args = ["simulate", "--scenario", "tiny", "--sites", str(tiny_sites), "--rounds", "2", "--local-steps", "2",
             "--batch-size", "2", "--base-model", str(tiny_base), "--out", str(out)]  # fmt: skip
@@ -25,7 +28,7 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
         assert (out / name).exists(), name
     # Every site's cumulative ε agrees with dp-accounting's PLD recomputed from its ledger.
     for site in ("tiny-a", "tiny-b"):
-        ledger = json.loads((tiny_sites / ".fedmri-ledger" / f"{site}.json").read_text())
+        ledger = ledger_of(tiny_sites / f"{site}.yaml")
         segments = [Segment(**e["segment"]) for e in ledger["entries"] if e["segment"]]
         claimed = ledger["entries"][-1]["epsilon"]
         independent = epsilon(segments, ledger["delta"], "pld")
@@ -33,18 +36,53 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
         assert claimed <= 8.0  # the demo sites' max_epsilon
         assert records[-1]["sites"][site]["epsilon"] == claimed
 
-    # The run becomes a release that verifies, whose account is the ledgers' account.
+    # The run becomes a signed release that verifies, whose account is the ledgers' account.
     release = tmp_path / "release"
     packaged = CliRunner().invoke(app, ["release", str(out), "--out", str(release)])
     assert packaged.exit_code == 0, packaged.output
-    checked = CliRunner().invoke(app, ["verify", str(release)])
+    checked = CliRunner().invoke(app, ["verify", str(release), "--keys", str(out / "keys")])
     assert checked.exit_code == 0, checked.output
+    assert "every ledger entry and privacy.json verify" in checked.output
     manifest = json.loads((release / "privacy.json").read_text())
     for site in manifest["sites"]:
-        ledger = json.loads((tiny_sites / ".fedmri-ledger" / f"{site['site_id']}.json").read_text())
+        ledger = ledger_of(tiny_sites / f"{site['site_id']}.yaml")
+        assert site["entries"] == ledger["entries"]  # every signed entry, exactly as the site wrote it
         assert site["segments"] == [e["segment"] for e in ledger["entries"] if e["segment"]]
-        assert site["epsilon"] == pytest.approx(ledger["entries"][-1]["epsilon"])
+        # The release's ε and an independent dp-accounting recomputation from the ledger agree to 0.1 %.
+        independent = epsilon(
+            [Segment(**e["segment"]) for e in ledger["entries"] if e["segment"]], site["delta"], "pld"
+        )
+        assert independent * (1 - 1e-3) <= site["epsilon"] <= independent * (1 + 1e-3)
         assert site["delta"] == ledger["delta"] and site["num_subjects"] == ledger["num_subjects"]
+
+    # Crash window: the disk as a crash between round 2's checkpoint and its metrics line leaves it.
+    # The release reads the checkpoint, which holds the round's record and entries with its tensors.
+    crashed = tmp_path / "crashed-run"
+    shutil.copytree(out, crashed)
+    lines = (crashed / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (crashed / "metrics.jsonl").write_text("".join(lines[:1]))
+    CliRunner().invoke(app, ["release", str(crashed), "--out", str(tmp_path / "crashed-release")])
+    crashed_manifest = json.loads((tmp_path / "crashed-release" / "privacy.json").read_text())
+    assert [s["segments"] for s in crashed_manifest["sites"]] == [s["segments"] for s in manifest["sites"]]
+
+    # A run that starts from the release carries its account forward: both compose, per site.
+    unreleased = CliRunner().invoke(app, [*args[:-4], "--base-model", str(out / "model"), "--out", str(tmp_path / "x")])
+    assert unreleased.exit_code == 2 and "release it with `fedmri release`" in " ".join(unreleased.output.split())
+    child_run, child = tmp_path / "child-run", tmp_path / "child-release"
+    chained = [*args[:-4], "--base-model", str(release), "--out", str(child_run)]
+    chained[chained.index("--rounds") + 1] = "1"
+    assert CliRunner().invoke(app, chained).exit_code == 0
+    assert CliRunner().invoke(app, ["release", str(child_run), "--out", str(child)]).exit_code == 0
+    child_checked = CliRunner().invoke(app, ["verify", str(child), "--keys", str(child_run / "keys")])
+    assert child_checked.exit_code == 0 and "parent release: release" in child_checked.output, child_checked.output
+    child_manifest = json.loads((child / "privacy.json").read_text())
+    assert child_manifest["parent"]["sha256"] == directory_digest(release)
+    for parent_site, child_site in zip(manifest["sites"], child_manifest["sites"], strict=True):
+        assert child_site["entries"][: len(parent_site["entries"])] == parent_site["entries"]
+        assert len(child_site["segments"]) == len(parent_site["segments"]) + 1  # 2 rounds, then 1
+        composed = epsilon([Segment(**x) for x in child_site["segments"]], child_site["delta"], "pld")
+        assert composed * (1 - 1e-3) <= child_site["epsilon"] <= composed * (1 + 1e-3)
+        assert parent_site["epsilon"] < child_site["epsilon"] <= 8.0  # composed, and still within the budget
     card = (release / "README.md").read_text()
     assert "any one patient of tiny-a changes the probability of any outcome" in card
     assert "synthetic hospital, 3 T" in card  # the declared coverage, read from the site YAML
@@ -73,14 +111,13 @@ def test_two_sites_two_rounds(tiny_sites: Path, tiny_base: Path, tmp_path: Path)
 
 
 def test_a_killed_server_resumes_after_its_last_completed_round(
-    tiny_sites: Path, tiny_base: Path, tmp_path: Path
+    private_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of
 ) -> None:
     """SIGKILL the whole federation after round 1, then --resume: no round lost or repeated.
 
     Also runs with client-level DP at the server, whose account must continue across the resume.
     """
     import os
-    import shutil
     import signal
     import subprocess
     import sys
@@ -89,10 +126,7 @@ def test_a_killed_server_resumes_after_its_last_completed_round(
     from common.privacy import Segment, epsilon
     from server.client_dp import ClientLevelAccount
 
-    sites = tmp_path / "sites"
-    for name in ("tiny-a", "tiny-b"):  # private copies: this test's ledgers start empty
-        shutil.copytree(tiny_sites / name, sites / name)
-        shutil.copy(tiny_sites / f"{name}.yaml", sites / f"{name}.yaml")
+    sites = private_sites  # this test's ledgers start empty
     out = tmp_path / "run"
     common = ["simulate", "--scenario", "tiny", "--sites", str(sites), "--local-steps", "2", "--batch-size", "2",
               "--base-model", str(tiny_base), "--out", str(out), "--min-train-nodes", "2", "--rounds", "3",
@@ -120,7 +154,7 @@ def test_a_killed_server_resumes_after_its_last_completed_round(
     assert records[-1]["client_level"]["epsilon"] == pytest.approx(expected.epsilon("prv"))
     assert records[-1]["client_level"]["epsilon_rdp"] == pytest.approx(expected.epsilon("rdp"))
     for site in ("tiny-a", "tiny-b"):
-        ledger = json.loads((sites / ".fedmri-ledger" / f"{site}.json").read_text())
+        ledger = ledger_of(sites / f"{site}.yaml")
         trained = [e for e in ledger["entries"] if e["status"] == "trained"]
         keys = [(e["run_id"], e["server_round"]) for e in trained]
         assert len(keys) == len(set(keys))  # each round of each run counted once
@@ -130,3 +164,12 @@ def test_a_killed_server_resumes_after_its_last_completed_round(
         assert trained[-1]["epsilon"] == pytest.approx(spent)
         assert [e["epsilon"] for e in trained] == sorted(e["epsilon"] for e in trained)
         assert trained[-1]["epsilon"] <= 8.0  # the policy's max_epsilon held across the kill
+    # The release after the resume covers every spend the sites signed, the cut-off round's too.
+    release = tmp_path / "release"
+    assert CliRunner().invoke(app, ["release", str(out), "--out", str(release)]).exit_code == 0
+    checked = CliRunner().invoke(app, ["verify", str(release), "--keys", str(out / "keys")])
+    assert checked.exit_code == 0, checked.output
+    for site in json.loads((release / "privacy.json").read_text())["sites"]:
+        ledger = ledger_of(sites / f"{site['site_id']}.yaml")
+        spent = [e["segment"] for e in ledger["entries"] if e["status"] in ("reserved", "trained")]
+        assert site["segments"] == spent and site["entries"] == ledger["entries"]
