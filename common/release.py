@@ -207,7 +207,9 @@ def _check_epsilon(label: str, claimed: float, recomputed: float, independent: s
     if claimed < recomputed * (1 - TOLERANCE_BELOW):
         return f"{label}: claimed ε {claimed:.4f} is BELOW the recomputed {recomputed:.4f} ({independent})"
     if claimed > recomputed * (1 + TOLERANCE_ABOVE):
-        return f"{label}: claimed ε {claimed:.4f} is more than 0.1% above the recomputed {recomputed:.4f} ({independent})"
+        return (
+            f"{label}: claimed ε {claimed:.4f} is more than 0.1% above the recomputed {recomputed:.4f} ({independent})"
+        )
     return None
 
 
