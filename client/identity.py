@@ -60,6 +60,32 @@ def load_or_create_key(home: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def adopt_node_key(home: Path, key_path: Path) -> str:
+    """Make the node key that admits this site (`fedmri certs`' nodes/<site>.key) the key that
+    signs its ledger: copied into the home if the home has none. Returns what was done; raises
+    ValueError if the home already signs with another key (the consortium could not verify)."""
+    given: Any = serialization.load_ssh_private_key(key_path.read_bytes(), None)
+    if not isinstance(given, ec.EllipticCurvePrivateKey):
+        raise ValueError(
+            f"{key_path}: expected an ECDSA node key (as `fedmri certs` writes), got {type(given).__name__}"
+        )
+    if (home / KEY).exists():
+        if public_key_text(load_or_create_key(home).public_key()) != public_key_text(given.public_key()):
+            raise ValueError(
+                f"{home / KEY} signs this site's ledger but is not {key_path}, the key this node authenticates "
+                "with; releases would not verify with the consortium's copy of your public key. Use one key pair."
+            )
+        return f"the ledger is signed with {home / KEY}, the node key"
+    if (home / MARKER).exists():
+        load_or_create_key(home)  # raises: the site has signed entries with a key that is gone
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / KEY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key_path.read_bytes())
+    (home / PUBLIC).write_text(public_key_text(given.public_key()) + "\n")
+    return f"copied {key_path} to {home / KEY}: it now signs this site's ledger"
+
+
 @dataclass(frozen=True)
 class Marker:
     site_id: str

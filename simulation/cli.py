@@ -724,20 +724,24 @@ def node_start(
     """Run flower-supernode for this hospital (foreground; Ctrl-C stops it).
 
     The site YAML is passed as node_config `site-config`; data, cache and ledger stay here.
+    The node key (--key) also signs the site's ledger: it is copied to the site home as
+    node.key if the home has none, and a home that signs with another key is an error.
     Only the fedmri installed here runs: a run whose bundle (the code `flwr run` ships) differs
     from it is refused, naming the files (client/trusted_code.py). There is no switch to turn this off.
     After a crash, the SuperLink refuses to reactivate the node until it has missed two
     heartbeats (flower-supernode then fails with Flower exit code 305). A failed node is
     restarted every 15 s, up to --retries times.
     """
+    from client.identity import LedgerReset, adopt_node_key
     from client.trusted_code import installed_root
     from server.deploy import flower_env, supernode_command, trusted_clientapp_env
     from sites.config import SiteConfigError, load_site
 
     try:
-        load_site(site_yaml)  # fail here, with the field named, rather than in the first round
+        site = load_site(site_yaml)  # fail here, with the field named, rather than in the first round
+        console.print(adopt_node_key(site.home_dir, key))  # one key admits the node and signs its ledger
         env = trusted_clientapp_env(flower_env(flwr_home), flwr_home)
-    except (OSError, SiteConfigError, ValueError) as err:
+    except (OSError, SiteConfigError, ValueError, LedgerReset) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     console.print(

@@ -73,7 +73,7 @@ def test_reply_carries_only_trainable_tensors_and_whitelisted_scalars(
     sent = content["arrays"].to_torch_state_dict()
     assert set(sent) == set(msg.content["arrays"].to_torch_state_dict())  # only the trainable tensors
     assert not any(t.shape[-2:] == (64, 64) for t in sent.values())  # nothing image-shaped
-    assert set(content["metrics"]) <= set(site_round.METRIC_KEYS)
+    assert set(content["metrics"]) <= set(site_round.METRIC_KEYS) and "loss" not in content["metrics"]
     assert all(isinstance(v, float) for v in content["metrics"].values())  # scalars, no per-subject lists
     assert set(content["reply"]) == {"site-id", "status", "notes", "accountant", "entries"}
     assert content["reply"]["status"] == "trained" and content["reply"]["accountant"] == "rdp"

@@ -35,3 +35,42 @@ def test_only_whitelisted_keys_may_leave() -> None:
     check_keys({"T1w/healthy/fd": 1.0, "utility_real_only": 0.5, "held/T1w/healthy/2": 1.0})
     with pytest.raises(ValueError, match="not on the whitelist"):
         check_keys({"T1w/healthy/closest_subject": 3.0})
+
+
+def _site_with(tiny_sites: Path, tmp_path: Path, **privacy: object) -> str:
+    """tiny-a's YAML with its own home (ledger, key) and the given privacy policy fields."""
+    import yaml
+
+    raw = yaml.safe_load((tiny_sites / "tiny-a.yaml").read_text())
+    raw["data"]["bids_root"] = str(tiny_sites / "tiny-a")
+    raw["data"]["cache_dir"] = str(tiny_sites / ".fedmri-cache" / "tiny-a")
+    raw["home"] = str(tmp_path / "home")
+    raw["privacy"] = {**raw.get("privacy", {}), **privacy}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "tiny-a.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_the_site_policy_sets_the_evaluation_cohort_and_the_server_cannot_lower_it(
+    tiny_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of
+) -> None:
+    ldm = load_ldm(tiny_base)
+    parts = (model_configs(tiny_base), ldm.vae.state_dict(), ldm.denoiser.state_dict())
+    asks_for_one = EvalSettings(samples_per_condition=2, steps=2, min_subjects=1, few_shot_k=1, few_shot_repeats=1)
+    declines = _site_with(tiny_sites, tmp_path / "declines", evaluate=False)
+    with pytest.raises(PermissionError, match=r"privacy\.evaluate: false"):
+        run_site_evaluation(declines, *parts, asks_for_one)
+    strict = _site_with(tiny_sites, tmp_path / "strict", min_eval_subjects=10)  # the default
+    with pytest.raises(PermissionError, match="held-out subjects < the minimum cohort 10"):
+        run_site_evaluation(strict, *parts, asks_for_one)  # the server asked for 1
+    from sites.config import load_site
+
+    assert not load_site(strict).ledger_path.exists()  # nothing answered, nothing recorded
+
+    answers = _site_with(tiny_sites, tmp_path / "answers", min_eval_subjects=1)
+    run_site_evaluation(answers, *parts, asks_for_one, run_id=9)
+    (entry,) = ledger_of(Path(answers))["entries"]
+    assert entry["status"] == "evaluated" and entry["run_id"] == 9 and entry["segment"] is None
+    assert entry["num_subjects"] == 1 and "NOT covered by DP" in entry["notes"][0]  # the cohort size
+    assert entry["signature"] and entry["global_digest"]  # signed, naming the weights evaluated

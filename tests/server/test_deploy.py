@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from typer.testing import CliRunner
 
+from client.identity import adopt_node_key
 from server.certs import make_certs
 from server.deploy import (
     PROJECT_DIR,
@@ -30,6 +32,7 @@ from server.deploy import (
     write_flwr_config,
 )
 from simulation.cli import app
+from sites.config import load_site
 
 BIN = Path(sys.executable).parent
 
@@ -128,7 +131,9 @@ class Cluster:
         assert done.returncode == 0, done.stdout + done.stderr
 
     def start_node(self, site_yaml: Path, key_of: str, name: str) -> subprocess.Popen:
-        """flower-supernode as `fedmri node start` runs it: only the installed fedmri runs in its ClientApps."""
+        """flower-supernode as `fedmri node start` runs it: only the installed fedmri runs in its ClientApps,
+        and the node key signs the site's ledger."""
+        adopt_node_key(load_site(site_yaml).home_dir, self.certs.node_keys[key_of][0])
         command = supernode_command(site_yaml, self.address, self.certs.ca_cert, self.certs.node_keys[key_of][0], _free_port())  # fmt: skip
         return self.start(command, name, trusted_clientapp_env(self.env(name), self.tmp / f"{name}-home"))
 
@@ -147,46 +152,6 @@ class Cluster:
             self.kill(name)
 
 
-@pytest.mark.slow
-def test_tls_federation_with_node_authentication(private_sites: Path, tiny_base: Path, tmp_path: Path) -> None:
-    sites = private_sites
-    cluster = Cluster(tmp_path, ["tiny-a", "tiny-b", "intruder"])
-    try:
-        cluster.start_superlink()
-        for site in ("tiny-a", "tiny-b"):  # the consortium admits the two hospitals, not the intruder
-            cluster.register(site)
-        for site in ("tiny-a", "tiny-b"):
-            cluster.start_node(sites / f"{site}.yaml", site, site)
-        intruder = cluster.start_node(sites / "tiny-a.yaml", "intruder", "intruder")
-
-        out = tmp_path / "run"
-        overrides = f"num-server-rounds=2 local-steps=2 batch-size=2 min-train-nodes=2 base-model='{tiny_base}' run-dir='{out}'"  # fmt: skip
-        result = subprocess.run(
-            run_command(overrides), env=cluster.cli_env, capture_output=True, text=True, timeout=480
-        )
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in records] == [1, 2]
-        assert all(sorted(r["sites"]) == ["tiny-a", "tiny-b"] and r["accepted"] == 2 for r in records), records
-
-        # The unknown key was refused. Admitted, it would have been sampled too (fraction-train 1.0)
-        # and made 3 replies per round; its log shows the refusal.
-        intruder_log = cluster.log("intruder")
-        assert "Failed to activate SuperNode" in intruder_log, intruder_log[-3000:]
-        assert intruder.poll() is None or intruder.returncode != 0
-        link_log = cluster.log("superlink")
-        assert "No SuperNode found with the given public key" in link_log  # refused by key, not by TLS
-        assert link_log.count("Activated node_id=") == 2
-
-        # The federated model becomes a release that verifies.
-        release = tmp_path / "release"
-        assert CliRunner().invoke(app, ["release", str(out), "--out", str(release)]).exit_code == 0
-        verified = CliRunner().invoke(app, ["verify", str(release)])
-        assert verified.exit_code == 0, verified.output
-    finally:
-        cluster.stop_all()
-
-
 def _wait_for_rounds(metrics: Path, rounds: int, run: subprocess.Popen, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while not (metrics.exists() and metrics.read_text().count("\n") >= rounds):
@@ -196,16 +161,23 @@ def _wait_for_rounds(metrics: Path, rounds: int, run: subprocess.Popen, seconds:
 
 
 @pytest.mark.slow
-def test_a_killed_node_is_left_out_and_rejoins_with_its_ledger(
+def test_tls_federation_with_node_authentication_and_a_killed_node(
     private_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of
 ) -> None:
+    """TLS everywhere, two registered hospitals and one unregistered key; a node killed in round 2
+    is left out, rejoins with its ledger, and the run's signed release verifies with the certs' keys.
+
+    (One cluster for both stories: each real-process federation costs minutes on 2 cores.)"""
     sites = private_sites
-    cluster = Cluster(tmp_path, ["tiny-a", "tiny-b"])
+    cluster = Cluster(tmp_path, ["tiny-a", "tiny-b", "intruder"])
     try:
         cluster.start_superlink()
-        for site in ("tiny-a", "tiny-b"):
+        for site in ("tiny-a", "tiny-b"):  # the consortium admits the two hospitals, not the intruder
             cluster.register(site)
             cluster.start_node(sites / f"{site}.yaml", site, site)
+        rogue = yaml.safe_load((sites / "tiny-a.yaml").read_text()) | {"home": str(tmp_path / "intruder-home")}
+        (sites / "intruder.yaml").write_text(yaml.safe_dump(rogue))  # a plausible site, an unregistered key
+        intruder = cluster.start_node(sites / "intruder.yaml", "intruder", "intruder")
         out = tmp_path / "run"
         overrides = (
             f"num-server-rounds=5 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=40.0 "
@@ -237,7 +209,16 @@ def test_a_killed_node_is_left_out_and_rejoins_with_its_ledger(
 
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
-        assert records[0]["accepted"] == 2
+        assert records[0]["accepted"] == 2 and sorted(records[0]["sites"]) == ["tiny-a", "tiny-b"]
+
+        # The unknown key was refused. Admitted, it would have been sampled too (fraction-train 1.0)
+        # and made 3 replies in round 1; its log shows the refusal.
+        intruder_log = cluster.log("intruder")
+        assert "Failed to activate SuperNode" in intruder_log, intruder_log[-3000:]
+        assert intruder.poll() is None or intruder.returncode != 0
+        link_log = cluster.log("superlink")
+        assert "No SuperNode found with the given public key" in link_log  # refused by key, not by TLS
+        assert link_log.count("Activated node_id=") == 3  # tiny-a, tiny-b, and tiny-b again
         assert records[1]["accepted"] == 1 and records[1]["sites"]["tiny-a"]["status"] == "trained"
         assert records[1]["sites"].get("tiny-b", {}).get("status") in (None, "error")
         rejoined = [r["round"] for r in records[2:] if r["sites"].get("tiny-b", {}).get("status") == "trained"]
@@ -250,6 +231,16 @@ def test_a_killed_node_is_left_out_and_rejoins_with_its_ledger(
         assert trained[0]["server_round"] == 1 and trained[-1]["server_round"] == rejoined[-1]
         assert trained[-1]["epsilon"] > trained[0]["epsilon"]  # spending continued from the ledger
         assert records[-1]["sites"]["tiny-b"]["epsilon"] == pytest.approx(trained[-1]["epsilon"])
+
+        # The federated model becomes a release signed with the consortium's key from `fedmri certs`,
+        # and every site entry verifies with the node keys the consortium registered.
+        release = tmp_path / "release"
+        key = str(cluster.certs.consortium_key[0])
+        assert CliRunner().invoke(app, ["release", str(out), "--out", str(release), "--key", key]).exit_code == 0
+        verified = CliRunner().invoke(app, ["verify", str(release), "--keys", str(tmp_path / "certs" / "nodes")])
+        assert verified.exit_code == 0 and "every ledger entry and privacy.json verify" in verified.output, (
+            verified.output
+        )
     finally:
         cluster.stop_all()
 
@@ -299,8 +290,6 @@ def test_a_node_refuses_a_bundle_whose_client_code_differs(
         assert "fedmri refused this run" in streamed, streamed[-3000:]
         assert "client/trainer.py: differs from the installed file" in node_log, node_log[-3000:]
         assert node.poll() is None  # the node stays up for a run of the code it has
-        from sites.config import load_site
-
         assert not load_site(sites / "tiny-a.yaml").ledger_path.exists()  # nothing decided, nothing spent
     finally:
         cluster.stop_all()
