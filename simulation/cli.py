@@ -412,7 +412,7 @@ def demo(
     manifest = json.loads((release_dir / "privacy.json").read_text())
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     table = Table(title=f"fedmri demo: {last['round']} rounds in {time.perf_counter() - start:.0f} s")
-    for column in ("site", "subjects", "ε (PRV)", "ε (RDP)", "δ", "DP steps", "last σ"):
+    for column in ("site", "subjects", "ε (PLD)", "ε (RDP)", "δ", "DP steps", "last σ"):
         table.add_column(column)
     for site in manifest["sites"]:
         steps = sum(s["steps"] for s in site["segments"])

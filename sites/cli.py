@@ -181,3 +181,37 @@ def reset_ledger(
         site.ledger_path.rename(aside)
         console.print(f"old ledger set aside: {aside}")
     console.print(f"{site.site_id}: marker kept as {kept}; the next round starts a fresh ledger at ε = 0")
+
+
+@app.command("audit")
+def audit(
+    site_yaml: Annotated[Path, typer.Argument(metavar="SITE_YAML", help="The site's YAML file.")],
+    release: Annotated[Path, typer.Argument(metavar="RELEASE", help="A fedmri release directory.")],
+) -> None:
+    """Check a release against this site's own ledger: did it leave out any spend?
+
+    `fedmri verify` proves that a release's entries were signed by the site, unedited and
+    unbroken. Only the site can see whether the server dropped its latest entries. This checks
+    that every entry the release carries for this site is in the site's ledger, byte for byte
+    and in one unbroken stretch, and that every spend the ledger holds for the runs the release
+    names is in the release. Exit code 0 only if it does.
+    """
+    from client.audit import audit_release
+    from sites.config import SiteConfigError, load_site
+
+    try:
+        site = load_site(site_yaml)
+        result = audit_release(site.site_id, site.ledger_path, release)
+    except (OSError, SiteConfigError, ValueError, KeyError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    if result.problems:
+        console.print(f"[red]{site.site_id}: the release does not account for this site's ledger[/red]")
+        for problem in result.problems:
+            console.print(f"  - {problem}")
+        raise typer.Exit(1)
+    runs = ", ".join(map(str, result.runs)) or "none"
+    console.print(
+        f"{site.site_id}: the release accounts for every spend of this site in runs {runs} "
+        f"({result.spends_in_release} segments, all in the site's ledger)"
+    )

@@ -55,6 +55,10 @@ def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Pa
         assert independent * (1 - 1e-3) <= site["epsilon"] <= independent * (1 + 1e-3)
         assert site["delta"] == ledger["delta"] and site["num_subjects"] == ledger["num_subjects"]
 
+    for site in ("tiny-a", "tiny-b"):  # and each site, from its own ledger, finds nothing left out
+        audited = CliRunner().invoke(app, ["sites", "audit", str(tiny_sites / f"{site}.yaml"), str(release)])
+        assert audited.exit_code == 0 and "accounts for every spend" in audited.output, audited.output
+
     # Crash window: the disk as a crash between round 2's checkpoint and its metrics line leaves it.
     # The release reads the checkpoint, which holds the round's record and entries with its tensors.
     crashed = tmp_path / "crashed-run"
