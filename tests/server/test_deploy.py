@@ -152,7 +152,7 @@ class Cluster:
             self.kill(name)
 
 
-def _wait_for_rounds(metrics: Path, rounds: int, run: subprocess.Popen, seconds: float = 300) -> None:
+def _wait_for_rounds(metrics: Path, rounds: int, run: subprocess.Popen, seconds: float = 900) -> None:
     deadline = time.time() + seconds
     while not (metrics.exists() and metrics.read_text().count("\n") >= rounds):
         assert run.poll() is None, "the federation ended early"
@@ -180,7 +180,10 @@ def test_tls_federation_with_node_authentication_and_a_killed_node(
         intruder = cluster.start_node(sites / "intruder.yaml", "intruder", "intruder")
         out = tmp_path / "run"
         overrides = (
-            f"num-server-rounds=5 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=40.0 "
+            # The timeout is generous so that no round's outcome depends on the machine's load: round 1
+            # (fresh ClientApp processes importing torch) must never time out, and round 2 waits
+            # for the killed node long enough for it to come back (2 missed 30 s heartbeats) by round 3.
+            f"num-server-rounds=4 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=150.0 "
             f"base-model='{tiny_base}' run-dir='{out}'"
         )
         with open(tmp_path / "run.log", "w") as log:
@@ -205,10 +208,10 @@ def test_tls_federation_with_node_authentication_and_a_killed_node(
                 assert cluster.log("tiny-b").count("Failed to activate SuperNode") == refusals + 1
                 assert time.time() < deadline, cluster.log("tiny-b")[-3000:]
                 time.sleep(1)
-        assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        assert run.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-4000:]
 
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+        assert [r["round"] for r in records] == [1, 2, 3, 4]
         assert records[0]["accepted"] == 2 and sorted(records[0]["sites"]) == ["tiny-a", "tiny-b"]
 
         # The unknown key was refused. Admitted, it would have been sampled too (fraction-train 1.0)
@@ -222,8 +225,8 @@ def test_tls_federation_with_node_authentication_and_a_killed_node(
         assert records[1]["accepted"] == 1 and records[1]["sites"]["tiny-a"]["status"] == "trained"
         assert records[1]["sites"].get("tiny-b", {}).get("status") in (None, "error")
         rejoined = [r["round"] for r in records[2:] if r["sites"].get("tiny-b", {}).get("status") == "trained"]
-        # Back in round 3, 4 or 5. Reactivation waits for 2 missed heartbeats (30 s each) after the
-        # kill, and the one-site rounds are quick, so 4 rounds were sometimes over before it came back.
+        # Back in round 3 or 4: reactivation waits for 2 missed heartbeats (30 s each) after the kill,
+        # while round 2 waits up to 150 s for the dead node's reply.
         assert rejoined, [(r["round"], r["wall_s"], sorted(r["sites"])) for r in records]
 
         ledger = ledger_of(sites / "tiny-b.yaml")  # parses: never torn
@@ -274,9 +277,9 @@ def test_a_node_refuses_a_bundle_whose_client_code_differs(
             "tiny-a",
         )  # fmt: skip
         out = tmp_path / "run"
-        overrides = f"num-server-rounds=1 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=120.0 base-model='{tiny_base}' run-dir='{out}'"  # fmt: skip
+        overrides = f"num-server-rounds=1 local-steps=2 batch-size=2 min-train-nodes=1 round-timeout=300.0 base-model='{tiny_base}' run-dir='{out}'"  # fmt: skip
         result = subprocess.run(
-            run_command(overrides, app=bundle), env=cluster.cli_env, capture_output=True, text=True, timeout=400
+            run_command(overrides, app=bundle), env=cluster.cli_env, capture_output=True, text=True, timeout=900
         )
         streamed = result.stdout + result.stderr
         node_log = cluster.log("tiny-a")
