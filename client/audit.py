@@ -20,6 +20,7 @@ class Audit:
     site_id: str
     runs: list[int] = field(default_factory=list)  # the runs whose entries the release carries
     spends_in_release: int = 0
+    other_runs: list[int] = field(default_factory=list)  # runs this site spent in that the release does not name
     problems: list[str] = field(default_factory=list)
 
 
@@ -30,9 +31,11 @@ def audit_release(site_id: str, ledger_path: Path, release: Path) -> Audit:
     manifest = json.loads((release / MANIFEST).read_text())
     claimed = next((s for s in manifest.get("sites", []) if s.get("site_id") == site_id), None)
     ledger = json.loads(ledger_path.read_text())["entries"] if ledger_path.exists() else []
-    if claimed is None:  # the release claims nothing from this site: fine only if nothing of it is in there
+    entries = [] if claimed is None else claimed["entries"]
+    if not entries:  # a release this site took part in that carries none of its entries under-counts it
+        where = "does not list this site" if claimed is None else "lists this site with no signed entries"
+        result.problems.append(f"the release {where}: if this site trained for it, its spend is missing")
         return result
-    entries = claimed["entries"]
     position = {e["hash"]: i for i, e in enumerate(ledger)}
     foreign = [e for e in entries if position.get(e.get("hash")) is None or ledger[position[e["hash"]]] != e]
     if foreign:
@@ -44,6 +47,7 @@ def audit_release(site_id: str, ledger_path: Path, release: Path) -> Audit:
     result.runs = sorted({e["run_id"] for e in entries})
     result.spends_in_release = len(spent_segments(entries))
     held = {e["hash"] for e in entries}
+    result.other_runs = sorted({e["run_id"] for e in ledger if e["status"] in SPENDING} - set(result.runs))
     for entry in ledger:
         if entry["run_id"] in result.runs and entry["status"] in SPENDING and entry["hash"] not in held:
             result.problems.append(

@@ -92,6 +92,9 @@ class Marker:
     ledger: str
     entries: int
     head: str
+    # While a reservation is re-signed as trained (same place, new hash), the marker names both
+    # versions, so a crash between the ledger write and the marker write is not taken for a rollback.
+    settling: str = ""
 
 
 def read_marker(home: Path) -> Marker | None:
@@ -99,7 +102,7 @@ def read_marker(home: Path) -> Marker | None:
     if not path.exists():
         return None
     raw = json.loads(path.read_text())
-    return Marker(raw["site_id"], raw["ledger"], int(raw["entries"]), raw["head"])
+    return Marker(raw["site_id"], raw["ledger"], int(raw["entries"]), raw["head"], raw.get("settling", ""))
 
 
 def write_marker(home: Path, marker: Marker) -> None:
@@ -121,7 +124,7 @@ def check_continues(home: Path, ledger_path: Path, hashes: list[str]) -> None:
             f"({marker.entries} signed entries, ledger {marker.ledger}); starting again at ε = 0 would be a silent "
             f"reset. {how}"
         )
-    if len(hashes) < marker.entries or hashes[marker.entries - 1] != marker.head:
+    if len(hashes) < marker.entries or hashes[marker.entries - 1] not in {marker.head, marker.settling} - {""}:
         raise LedgerReset(
             f"{ledger_path}: holds {len(hashes)} entries that do not continue the {marker.entries} recorded in "
             f"{home / MARKER} (an older or another ledger). {how}"

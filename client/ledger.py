@@ -186,11 +186,12 @@ class Ledger:
         last = self.entries[-1] if self.entries else None
         if last is None or last.status != "reserved":
             raise ValueError(f"{self.path}: no reservation to settle (last entry: {last})")
-        self.entries[-1] = self._signed(
-            replace(last, status=status, update_digest=update_digest, time=now()), last.prev
-        )
+        settled = self._signed(replace(last, status=status, update_digest=update_digest, time=now()), last.prev)
+        # The marker first names both versions of the entry, then (in save) only the new one.
+        write_marker(self.home, Marker(self.site_id, str(self.path), len(self.entries), last.hash, settled.hash))
+        self.entries[-1] = settled
         self.save()
-        return self.entries[-1]
+        return settled
 
     def _signed(self, entry: LedgerEntry, prev: str) -> LedgerEntry:
         filled = replace(entry, site_id=self.site_id, delta=self.delta, max_grad_norm=self.max_grad_norm, prev=prev)
@@ -208,8 +209,9 @@ class Ledger:
             "entries": [e.to_json() for e in self.entries],
         }
         atomic_write(self.path, json.dumps(raw, indent=1))
-        # The marker follows the ledger: a crash between the two leaves a ledger one entry ahead,
-        # which still continues the marker.
+        # The marker follows the ledger: a crash between the two leaves a ledger one entry ahead
+        # (append), or the settled version of the entry the marker names as settling (settle);
+        # either still continues the marker.
         write_marker(self.home, Marker(self.site_id, str(self.path), len(self.entries), self.entries[-1].hash))
 
 

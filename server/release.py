@@ -78,7 +78,7 @@ def site_account(site: SiteRecord) -> SiteAccount:
     delta = entries[-1]["delta"]
     # The release states ε by the method `fedmri verify` recomputes it with (dp-accounting's PLD, or
     # RDP for an RDP site), so claim and check agree to 0.1 %. A site's own ledger uses Opacus's PRV,
-    # which lies within about 0.2 % of the PLD value.
+    # which lies up to about 1 % above the PLD value (both are upper bounds).
     accountant = "rdp" if site.accountant == "rdp" else "pld"
     segments = [Segment(s["sample_rate"], s["noise_multiplier"], int(s["steps"])) for s in signed]
     eps = epsilon(segments, delta, accountant)

@@ -211,6 +211,9 @@ def audit(
             console.print(f"  - {problem}")
         raise typer.Exit(1)
     runs = ", ".join(map(str, result.runs)) or "none"
+    if result.other_runs:  # only the site knows whether one of these also fed this release
+        others = ", ".join(map(str, result.other_runs))
+        console.print(f"[yellow]note:[/yellow] this site also spent in runs {others}, which the release does not name")
     console.print(
         f"{site.site_id}: the release accounts for every spend of this site in runs {runs} "
         f"({result.spends_in_release} segments, all in the site's ledger)"

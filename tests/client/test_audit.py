@@ -33,6 +33,11 @@ def test_a_complete_release_passes_and_a_dropped_last_round_is_found(tmp_path: P
     run5 = [e.to_json() for e in ledger.entries[:3]]
     complete = audit_release("a", ledger.path, _release(tmp_path, run5))
     assert complete.problems == [] and complete.runs == [5] and complete.spends_in_release == 3
+    assert complete.other_runs == [6]  # listed for the site to judge
+    empty = audit_release("a", ledger.path, _release(tmp_path, [])).problems
+    assert empty == [
+        "the release lists this site with no signed entries: if this site trained for it, its spend is missing"
+    ]
     truncated = audit_release("a", ledger.path, _release(tmp_path, run5[:2]))  # a valid, shorter chain
     assert truncated.problems == ["run 5 round 3: this site spent (q 0.1, σ 1, 10 steps) and the release leaves it out"]
 

@@ -156,3 +156,28 @@ def test_moving_the_yaml_does_not_move_the_ledger(tmp_path: Path, tiny_sites: Pa
     moved = tmp_path / "moved.yaml"
     shutil.copyfile(tiny_sites / "tiny-a.yaml", moved)
     assert load_site(moved).ledger_path == original.ledger_path and original.ledger_path.is_absolute()
+
+
+def test_a_crash_between_settling_and_the_marker_is_not_taken_for_a_rollback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.ledger as ledger_module
+
+    path = tmp_path / "ledger" / "a.json"
+    ledger = _open(path)
+    ledger.append(LedgerEntry(1, 1, "reserved", Segment(0.1, 1.0, 20), 2.5, 3.0, num_subjects=100))
+    real_write = ledger_module.write_marker
+    calls = []
+
+    def power_cut_after_the_ledger(home: Path, marker) -> None:
+        calls.append(marker)
+        if len(calls) == 2:  # the marker write that follows the settled ledger: never happens
+            raise KeyboardInterrupt
+        real_write(home, marker)
+
+    monkeypatch.setattr(ledger_module, "write_marker", power_cut_after_the_ledger)
+    with pytest.raises(KeyboardInterrupt):
+        ledger.settle("ab" * 32)
+    monkeypatch.setattr(ledger_module, "write_marker", real_write)
+    reopened = _open(path)  # the ledger holds the settled entry, the marker still the reservation too
+    assert reopened.entries[-1].status == "trained" and calls[0].settling == reopened.entries[-1].hash
