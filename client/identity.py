@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.atomic import atomic_write
-from common.signed_entries import public_key_text
+from common.signed_entries import new_key_pair, public_key_text
 
 log = logging.getLogger("fedmri.client")
 KEY, PUBLIC, MARKER = "node.key", "node.pub", "trained.json"
@@ -47,15 +47,7 @@ def load_or_create_key(home: Path) -> ec.EllipticCurvePrivateKey:
             f"{path}: missing, but {home / MARKER} says this site has trained and signed ledger entries; "
             "restore the node key from backup (a new key could not continue the signed ledger)"
         )
-    home.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    (home / PUBLIC).write_text(public_key_text(key.public_key()) + "\n")
+    key = new_key_pair(path, home / PUBLIC)
     log.warning("created a signing key for this site at %s (public half: %s)", path, home / PUBLIC)
     return key
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +59,21 @@ def load_public_key(pem_or_ssh: bytes) -> ec.EllipticCurvePublicKey:
         key = serialization.load_pem_public_key(pem_or_ssh)
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError(f"expected an ECDSA public key, got {type(key).__name__}")
+    return key
+
+
+def new_key_pair(private_path: Path, public_path: Path) -> ec.EllipticCurvePrivateKey:
+    """A new ECDSA P-384 key pair in OpenSSH format (as `fedmri certs` writes): the private half
+    created with mode 0600 (never over an existing file), the public half beside it."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    public_path.write_text(public_key_text(key.public_key()) + "\n")
     return key
 
 

@@ -11,7 +11,6 @@ describe the sites in the model card; that text is the consortium's declaration,
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from common.model import load_ldm, save_ldm
 from common.privacy import Segment, epsilon
 from common.release import CONSORTIUM_KEY, SiteAccount, directory_digest, parent_reference, write_manifest
-from common.signed_entries import SPENDING, public_key_text, spent_segments
+from common.signed_entries import SPENDING, new_key_pair, spent_segments
 from common.weights import NAME as SHIPPED_NAME
 from common.weights import base_model_dir
 from server.checkpoint import Checkpoint, load_latest
@@ -236,15 +235,7 @@ def consortium_key(path: Path) -> ec.EllipticCurvePrivateKey:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise RunDirError(f"{path}: expected an ECDSA key, got {type(key).__name__}")
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    (path.parent / CONSORTIUM_KEY).write_text(public_key_text(key.public_key()) + "\n")
+    key = new_key_pair(path, path.parent / CONSORTIUM_KEY)
     print(f"[fedmri] created the consortium's release-signing key {path} (public half: {path.parent / CONSORTIUM_KEY})")
     return key
 
