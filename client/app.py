@@ -37,6 +37,16 @@ def site_yaml(context: Context, run: RunConfig) -> str:
     )
 
 
+def device_override(run: RunConfig) -> str:
+    """Run config 'device' (simulation only); a deployed node trains where its YAML says."""
+    if run.device and os.environ.get(GUARDED_NODE):
+        raise ValueError(
+            f"run config 'device' = {run.device!r}: a deployed node trains on its site YAML's `device:`, "
+            "not on a device the server chooses"
+        )
+    return run.device
+
+
 def proposal_from(config: ConfigRecord) -> Proposal:
     """The server's proposal, read from the round's ConfigRecord."""
     optional = {k: float(config[k]) for k in ("noise-multiplier", "max-grad-norm") if k in config}
@@ -63,8 +73,13 @@ def train(msg: Message, context: Context) -> Message:
         base_model=str(config["base-model"]),
         mode=parse_mode(str(config["finetune-mode"])),
         lora_rank=int(config["lora-rank"]),
-        settings=TrainSettings(proximal_mu=float(config.get("proximal-mu", 0.0))),
+        settings=TrainSettings(
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            slices_per_subject=int(config["slices-per-subject"]),
+            noise_draws=int(config["noise-draws"]),
+        ),
         ledger_heads=json.loads(str(config.get("ledger-heads", "{}"))),
+        device=device_override(run),
         # Sampling and noise come from fresh 256-bit os.urandom keys drawn in the trainer, never shared.
     )
     content = RecordDict(
@@ -99,6 +114,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         msg.content["denoiser"].to_torch_state_dict(),
         settings,
         run_id=context.run_id,
+        device=device_override(run),
     )
     content = RecordDict({"metrics": MetricRecord(metrics), "reply": ConfigRecord({"site-id": site_id})})
     return Message(content=content, reply_to=msg)

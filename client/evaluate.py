@@ -174,6 +174,7 @@ def run_site_evaluation(
     denoiser: dict[str, torch.Tensor],
     settings: EvalSettings,
     run_id: int = 0,
+    device: str = "",
 ) -> tuple[str, dict[str, float], Path]:
     """Rebuild the sent release, evaluate it, and return (site id, aggregates, folder of the private PNGs).
 
@@ -182,7 +183,7 @@ def run_site_evaluation(
     ledger as not covered by DP, with its cohort size, before it leaves.
     """
     from client.ledger import Ledger, LedgerEntry, now
-    from client.round import ledger_terms, open_ledger, site_data
+    from client.round import ledger_terms, open_ledger, site_data, site_device
     from common.evaluator import load_evaluator
     from common.model import ldm_from_parts
     from common.signed_entries import tensor_digest
@@ -198,7 +199,7 @@ def run_site_evaluation(
             f"site {site.site_id}: {cohort} held-out subjects < the minimum cohort {settings.min_subjects} "
             "(privacy.min_eval_subjects); nothing is evaluated"
         )
-    ldm = ldm_from_parts(configs, vae, denoiser)
+    ldm = ldm_from_parts(configs, vae, denoiser).to(site_device(site, yaml_path, device))  # the evaluator: CPU
     private_dir = Path(yaml_path).resolve().parent / ".fedmri-eval" / site.site_id
     metrics = evaluate_site(ldm, load_evaluator(), training, heldout, settings, private_dir)
     metrics.update(held_flags(training))

@@ -12,6 +12,7 @@ import torch
 from client.ledger import Ledger, LedgerBusy, LedgerEntry, now
 from client.policy import Proposal, decide
 from client.trainer import RoundRandomness, TrainSettings, train_round
+from common.device import resolve_device
 from common.finetune import FinetuneMode, configure, load_trainable, trainable_tensors
 from common.model import LDM, load_ldm
 from common.privacy import Segment, default_delta, epsilon
@@ -19,7 +20,6 @@ from common.signed_entries import tensor_digest
 from common.weights import base_model_dir
 from sites.bids import SiteSlices, read_site_data, split_subjects
 from sites.config import SiteConfig, load_site
-from sites.datasets import SubjectDataset
 
 # The only metric keys a site ever sends: scalars about the round, nothing per subject.
 # The privacy parameters (q, σ, C, δ) and N are public terms of the site's account: the release
@@ -61,6 +61,13 @@ def site_data(yaml_path: str) -> tuple[SiteConfig, SiteSlices, SiteSlices]:
     return site, training, heldout
 
 
+def site_device(site: SiteConfig, yaml_path: str, override: str = "") -> torch.device:
+    """The device the site trains and evaluates on: `override` (simulation) or the YAML's `device:`."""
+    if override:
+        return resolve_device(override, "run config 'device'")
+    return resolve_device(site.device, f"{yaml_path}: device")
+
+
 def ledger_terms(site: SiteConfig, num_subjects: int) -> tuple[Path, float]:
     """Where the site's ledger is and the δ it composes at."""
     policy = site.privacy
@@ -79,9 +86,15 @@ def open_ledger(site: SiteConfig, num_subjects: int) -> Ledger:
     return Ledger.open(path, site.site_id, num_subjects, delta, policy.max_grad_norm, policy.accountant, site.home_dir)
 
 
-def load_model(base_model: str, mode: FinetuneMode, lora_rank: int, global_tensors: dict[str, torch.Tensor]) -> LDM:
-    """The base model in fine-tuning mode `mode`, carrying the global trainable tensors."""
-    ldm = load_ldm(base_model_dir() if base_model == "shipped" else Path(base_model))
+def load_model(
+    base_model: str,
+    mode: FinetuneMode,
+    lora_rank: int,
+    global_tensors: dict[str, torch.Tensor],
+    device: torch.device = torch.device("cpu"),
+) -> LDM:
+    """The base model on `device` in fine-tuning mode `mode`, carrying the global trainable tensors."""
+    ldm = load_ldm(base_model_dir() if base_model == "shipped" else Path(base_model)).to(device)
     configure(ldm.denoiser, mode, lora_rank)
     load_trainable(ldm.denoiser, global_tensors)
     return ldm
@@ -98,13 +111,15 @@ def run_site_round(
     settings: TrainSettings,
     randomness: RoundRandomness | None = None,
     ledger_heads: dict[str, str] | None = None,
+    device: str = "",
 ) -> SiteReply:
     """Decide, reserve, train and record under the ledger's lock; only then return what may leave the site.
 
     A second round at this site waits up to privacy.round_wait_s for the lock, then declines.
     `ledger_heads` maps a site to the hash of its last ledger entry that the server holds: the
     reply carries every signed entry after it (only this round's if the server holds none, or
-    names an entry this ledger does not have).
+    names an entry this ledger does not have). `device` (simulation's run config) overrides the
+    YAML's `device:` when not empty.
     """
     site, slices, _ = site_data(yaml_path)  # held-out subjects never reach the trainer
     n = len(slices.subjects)
@@ -112,7 +127,8 @@ def run_site_round(
     try:
         with Ledger.locked(path, site.privacy.round_wait_s):
             reply, ledger = _round_under_lock(site, slices, run_id, proposal, global_tensors, base_model, mode,
-                                              lora_rank, settings, randomness or RoundRandomness())  # fmt: skip
+                                              lora_rank, settings, randomness or RoundRandomness(),
+                                              site_device(site, yaml_path, device))  # fmt: skip
             head = (ledger_heads or {}).get(site.site_id, "")
             return replace(reply, entries=ledger.since(head, otherwise=len(ledger.entries) - 1))
     except LedgerBusy as busy:
@@ -131,6 +147,7 @@ def _round_under_lock(
     lora_rank: int,
     settings: TrainSettings,
     randomness: RoundRandomness,
+    device: torch.device,
 ) -> tuple[SiteReply, Ledger]:
     n = len(slices.subjects)
     ledger = open_ledger(site, n)
@@ -156,8 +173,8 @@ def _round_under_lock(
     # Reserved on disk before training starts: a crash from here on over-counts, never under-counts.
     ledger.append(LedgerEntry(run_id, proposal.server_round, "reserved", segment, eps, eps_rdp, decision.notes,
                               now(), n, received))  # fmt: skip
-    ldm = load_model(base_model, mode, lora_rank, global_tensors)
-    train_round(ldm, SubjectDataset(slices, seed=randomness.torch_seed), plan, settings, randomness)
+    ldm = load_model(base_model, mode, lora_rank, global_tensors, device)
+    train_round(ldm, slices, plan, settings, randomness)
     tensors = trainable_tensors(ldm.denoiser)
     ledger.settle(tensor_digest(tensors))
     metrics = {

@@ -4,6 +4,13 @@ DP-SGD (Abadi et al. 2016, Alg. 1) with Poisson sampling of subjects at rate q =
 accounted step releases noise: a step whose Poisson draw is empty still adds N(0, σ²C²)/B to
 the update, exactly as the subsampled Gaussian mechanism that the ledger accounts for.
 
+Subject multiplicity: a sampled subject's term is the mean loss over K of its slices (any of
+its contrasts) and M noise/timestep draws per slice, and it is that mean's gradient that is
+clipped to C. The subject stays the privacy unit, so ε does not change; the clipped gradient is
+a K·M-sample estimate instead of a one-sample one (augmentation multiplicity, De et al. 2022,
+§3.2; noise multiplicity, Dockhorn et al. 2023, §3.3). Opacus computes one gradient per row of
+the [b·K·M] batch; `group_by_subject` averages each subject's rows before the optimizer clips.
+
 Randomness (client/secure_random.py): subject sampling and the DP noise each come from their
 own ChaCha20 stream keyed with 256 bits of os.urandom per round. The randomness inside one
 subject's gradient (which slice, the diffusion noise and timestep, the VAE sample) comes from
@@ -27,6 +34,9 @@ from client.policy import RoundPlan
 from client.secure_random import SecureRandom, fresh_seed
 from common.model import LDM
 from common.objective import encode, ldm_loss
+from common.run_config import RunConfig
+from sites.bids import SiteSlices
+from sites.datasets import SubjectDataset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,6 +48,13 @@ class TrainSettings:
     drop_prob: float = 0.1  # classifier-free guidance attribute dropout
     min_snr_gamma: float | None = 5.0
     proximal_mu: float = 0.0  # FedProx (Li et al. 2020); applied as a decoupled step, see below
+    slices_per_subject: int = RunConfig.slices_per_subject  # K
+    noise_draws: int = RunConfig.noise_draws  # M
+
+    def __post_init__(self) -> None:
+        for name in ("slices_per_subject", "noise_draws"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,25 @@ def poisson_batches(dataset: Dataset, plan: RoundPlan, sampling: SecureRandom) -
     return [np.nonzero(sampling.bernoulli(n, plan.sample_rate))[0].tolist() for _ in range(plan.local_steps)]
 
 
+def group_by_subject(params: Sequence[torch.nn.Parameter], rows_per_subject: int) -> None:
+    """Opacus's per-row gradients [b·R, ...] -> per-subject gradients [b, ...], in place.
+
+    Rows are subject-major (subject s owns rows s·R .. s·R + R - 1). With loss_reduction="mean",
+    row i's grad_sample is the gradient of row i's loss, so the mean of a subject's R rows is the
+    gradient of the subject's mean loss: the quantity DP-SGD then clips to C.
+    """
+    if rows_per_subject == 1:
+        return
+    for p in params:
+        rows = p.grad_sample  # type: ignore[attr-defined]
+        if not isinstance(rows, torch.Tensor) or rows.shape[0] % rows_per_subject:
+            raise RuntimeError(
+                f"per-sample gradient of shape {getattr(rows, 'shape', type(rows))} is not {rows_per_subject} rows "
+                "per subject: one forward pass per step, subject-major rows"
+            )
+        p.grad_sample = rows.view(-1, rows_per_subject, *rows.shape[1:]).mean(1)  # type: ignore[attr-defined]
+
+
 def run_dp_steps(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -108,9 +144,13 @@ def run_dp_steps(
     plan: RoundPlan,
     randomness: RoundRandomness,
     proximal_mu: float = 0.0,
+    rows_per_subject: int = 1,
 ) -> TrainResult:
     """plan.local_steps DP-SGD steps on `module`'s trainable tensors, in place. The step reads the
-    same with σ = 0 (allowed only by a site's explicit policy) as with σ > 0."""
+    same with σ = 0 (allowed only by a site's explicit policy) as with σ > 0.
+
+    `loss_of` returns the mean loss over rows_per_subject rows per drawn subject, subject-major.
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     model, private_optimizer = make_private(module, optimizer, plan, randomness.noise)
@@ -120,8 +160,9 @@ def run_dp_steps(
         for indices in poisson_batches(dataset, plan, randomness.sampling):
             private_optimizer.zero_grad(set_to_none=True)
             if indices:
-                loss = loss_of(model, _collate([dataset[i] for i in indices]))
+                loss = loss_of(model, collate([dataset[i] for i in indices]))
                 loss.backward()
+                group_by_subject(params, rows_per_subject)  # -> grad_sample [b, ...]
                 losses.append(loss.item())
             else:  # nobody drawn: the clipped sum is zero, the noise is still added
                 empty += 1
@@ -143,30 +184,49 @@ def run_dp_steps(
     return TrainResult(mean, plan.local_steps, empty)
 
 
-def train_round(
-    ldm: LDM,
-    dataset: Dataset,
-    plan: RoundPlan,
-    settings: TrainSettings = TrainSettings(),
-    randomness: RoundRandomness | None = None,
-) -> TrainResult:
-    """Run plan.local_steps DP-SGD steps on ldm.denoiser's trainable tensors, in place."""
-    randomness = RoundRandomness() if randomness is None else randomness
-    generator = torch.Generator().manual_seed(randomness.torch_seed)
-    denoiser = ldm.denoiser.train()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
+def subject_loss(
+    ldm: LDM, settings: TrainSettings, generator: torch.Generator
+) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+    """The loss DP-SGD differentiates: over b subjects' K slices each, with M draws per slice, the
+    mean over the b·K·M rows, subject-major (so group_by_subject can take each subject's mean)."""
+    device = ldm.device
+    m = settings.noise_draws
 
     def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        images, conditions = batch  # -> [b, 1, 64, 64], [b, 7]
-        latents = encode(ldm.vae, images, ldm.settings.scale_factor, generator)  # -> [b, 4, 16, 16]
+        images, conditions = batch  # -> [b, K, 1, 64, 64], [b, K, 7]
+        images = images.flatten(0, 1).to(device)  # -> [b·K, 1, 64, 64], subject-major
+        conditions = conditions.flatten(0, 1).to(device)  # -> [b·K, 7]
+        latents = encode(ldm.vae, images, ldm.settings.scale_factor, generator)  # -> [b·K, 4, 16, 16]
+        # M draws of (ε, t) per slice: each row below gets its own in ldm_loss.
+        latents = latents.repeat_interleave(m, dim=0)  # -> [b·K·M, 4, 16, 16], still subject-major
+        conditions = conditions.repeat_interleave(m, dim=0)  # -> [b·K·M, 7]
         return ldm_loss(
             model, ldm.scheduler, latents, conditions, generator, settings.drop_prob, settings.min_snr_gamma
         )
 
-    return run_dp_steps(denoiser, optimizer, loss_of, dataset, plan, randomness, settings.proximal_mu)
+    return loss_of
 
 
-def _collate(items: Sequence[Batch]) -> Batch:
+def train_round(
+    ldm: LDM,
+    slices: SiteSlices,
+    plan: RoundPlan,
+    settings: TrainSettings = TrainSettings(),
+    randomness: RoundRandomness | None = None,
+) -> TrainResult:
+    """Run plan.local_steps DP-SGD steps on ldm.denoiser's trainable tensors, in place, over the
+    site's training subjects (one item per subject: K slices, sites/datasets.SubjectDataset)."""
+    randomness = RoundRandomness() if randomness is None else randomness
+    k, m = settings.slices_per_subject, settings.noise_draws
+    dataset = SubjectDataset(slices, seed=randomness.torch_seed, slices_per_subject=k)
+    generator = torch.Generator(device=ldm.device).manual_seed(randomness.torch_seed)
+    denoiser = ldm.denoiser.train()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
+    loss_of = subject_loss(ldm, settings, generator)
+    return run_dp_steps(denoiser, optimizer, loss_of, dataset, plan, randomness, settings.proximal_mu, k * m)
+
+
+def collate(items: Sequence[Batch]) -> Batch:
     images, conditions = zip(*items, strict=True)
     return torch.stack(images), torch.stack(conditions)

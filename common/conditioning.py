@@ -90,13 +90,13 @@ def drop_attributes(conditions: torch.Tensor, p: float, generator: torch.Generat
     prompts ("FLAIR" alone, or "glioma at 0.3T") work.
     """
     out = conditions.clone()
-    drop = torch.rand(conditions.shape[0], NUM_TOKENS, generator=generator) < p  # -> [B, 5]
+    drop = torch.rand(conditions.shape[0], NUM_TOKENS, generator=generator, device=conditions.device) < p  # -> [B, 5]
     for g, columns in enumerate(ATTRIBUTE_GROUPS.values()):
         for col in columns:
             out[drop[:, g], col] = float("nan")
     return out
 
 
-def unconditional(batch: int) -> torch.Tensor:
+def unconditional(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """All attributes unknown: the unconditional branch of classifier-free guidance. -> [B, 7]"""
-    return torch.full((batch, len(CONDITION_VECTOR)), float("nan"))
+    return torch.full((batch, len(CONDITION_VECTOR)), float("nan"), device=device)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.conditions import Modality, Pathology
+from common.randomize import randomize
 from common.release import sha256_file
 from common.weights import shipped_dir
 
@@ -77,6 +78,7 @@ class EvaluatorConfig:
     width: int = 16
     features: int = 64
     seed: int = 0
+    randomize: bool = False  # domain randomization (common/randomize.py) on top of flips and shifts
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ def train_evaluator(
     images = torch.from_numpy(data.images.astype(np.float32)).unsqueeze(1)  # -> [N, 1, 64, 64]
     for step in range(1, cfg.steps + 1):
         rows = torch.randint(len(images), (cfg.batch_size,), generator=generator).numpy()
-        logits = net(_augment(images[rows], generator))
+        batch = _augment(images[rows], generator)  # -> [B, 1, 64, 64]
+        logits = net(randomize(batch, generator) if cfg.randomize else batch)
         targets = data.labels(rows)
         loss = torch.stack([nn.functional.cross_entropy(logits[name], targets[name]) for name in HEADS]).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -224,3 +227,24 @@ def load_evaluator(directory: Path | None = None) -> Evaluator:
     net = EvaluatorNet(cfg.width, cfg.features)
     net.load_state_dict(load_file(directory / WEIGHTS))
     return Evaluator(net, provenance)
+
+
+# T1w and T1ce are one family when reading real scans: without a pre-contrast pair, a T1ce with no
+# enhancing lesion is a T1w to any reader (issue 13's real-data target counts the family).
+FAMILIES = {Modality.T1w.ordinal: "T1", Modality.T1ce.ordinal: "T1"}
+
+
+def modality_confusion(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """[M, M] counts: row = true modality ordinal, column = predicted."""
+    counts = np.zeros((len(Modality), len(Modality)), dtype=np.int64)
+    np.add.at(counts, (truth, predicted), 1)
+    return counts
+
+
+def modality_accuracy(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Exact accuracy, and accuracy with T1w and T1ce counted as one family."""
+    family = lambda m: np.array([FAMILIES.get(int(v), str(int(v))) for v in m])  # noqa: E731
+    return {
+        "modality": float((truth == predicted).mean()),
+        "modality_t1_family": float((family(truth) == family(predicted)).mean()),
+    }

@@ -39,8 +39,9 @@ class LoRALinear(nn.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        where = {"device": base.weight.device, "dtype": base.weight.dtype}  # beside the frozen layer, GPU or not
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False, **where)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False, **where)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.scale = (alpha if alpha is not None else rank) / rank
@@ -50,7 +51,10 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         """The equivalent single nn.Linear (W + (α/r) B A)."""
-        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        merged = nn.Linear(
+            self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+            device=self.base.weight.device, dtype=self.base.weight.dtype,
+        )  # fmt: skip
         with torch.no_grad():
             merged.weight.copy_(self.base.weight + self.scale * self.lora_up.weight @ self.lora_down.weight)
             if self.base.bias is not None:
@@ -101,8 +105,8 @@ def merge_lora(denoiser: Denoiser) -> Denoiser:
 
 
 def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Exactly the tensors that are federated: detached copies of the trainable parameters."""
-    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    """Exactly the tensors that are federated: detached CPU copies of the trainable parameters."""
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def load_trainable(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -58,6 +58,16 @@ class LDM:
     scheduler: DDPMScheduler
     settings: ModelSettings
 
+    def to(self, device: torch.device) -> LDM:
+        """Move the VAE and the denoiser to `device`, in place."""
+        self.vae.to(device)
+        self.denoiser.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
     @property
     def latent_size(self) -> int:
         return self.settings.image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -24,7 +24,7 @@ def encode(
 
 def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023, eq. 9): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v."""
-    alphas = scheduler.alphas_cumprod[timesteps]
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas / (1.0 - alphas)
     clipped = snr.clamp(max=gamma)
     return clipped / (snr + 1.0) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
@@ -45,8 +45,11 @@ def ldm_loss(
     """
     batch = latents.shape[0]
     # Noise and timestep: t ~ U{0..T-1}, ε ~ N(0, I) (Ho et al. 2020, Alg. 1).
-    noise = torch.randn(latents.shape, generator=generator)  # -> [B, 4, h, w]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    # Drawn on the latents' device: a GPU run needs `generator` on that device too.
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)  # -> [B, 4, h, w]
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=latents.device
+    )  # -> [B]
     # Forward process: z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε (Ho et al. 2020, eq. 4).
     noisy = scheduler.add_noise(latents, noise, timesteps)  # -> [B, 4, h, w]
     # Condition: drop attribute groups at random for classifier-free guidance (Ho & Salimans 2022).

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.device import describe
 from common.model import LDM, ModelSpec, build_ldm, save_ldm
-from common.objective import EMA, ldm_loss
+from common.objective import EMA, encode, ldm_loss
+from common.randomize import randomize
 from common.release import sha256_file
 
 
@@ -32,6 +34,9 @@ class PretrainConfig:
     prediction_type: str = "epsilon"
     max_minutes: float | None = None  # wall-time budget for the UNet phase
     seed: int = 0
+    # Domain randomization (common/randomize.py) of every training slice, VAE and UNet phases; the
+    # UNet then encodes each randomized batch instead of reusing precomputed latent moments.
+    randomize: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,15 @@ Progress = Callable[[str, int, int, float], None]  # (phase, step, total, loss)
 
 def train_vae(ldm: LDM, data: SliceTable, cfg: PretrainConfig, progress: Progress | None = None) -> None:
     """L1 reconstruction + β·KL (Kingma & Welling 2014; Rombach et al. 2022 §3 use a small β)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator(device=ldm.device).manual_seed(cfg.seed)
     vae = ldm.vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, cfg.vae_steps))
     for step in range(cfg.vae_steps):
-        idx = torch.randint(len(data.images), (cfg.batch_size,), generator=generator)
+        idx = torch.randint(len(data.images), (cfg.batch_size,), generator=generator, device=ldm.device)
         images = data.images[idx]  # -> [B, 1, 64, 64]
+        if cfg.randomize:
+            images = _randomized(images, generator)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         loss = (reconstruction - images).abs().mean() + cfg.kl_weight * posterior.kl().mean() / images[0].numel()
@@ -80,8 +87,15 @@ def latent_moments(ldm: LDM, images: torch.Tensor, batch: int = 256) -> tuple[to
 def scale_factor(means: torch.Tensor, stds: torch.Tensor) -> float:
     """1 / std of latent samples, so diffused latents have unit variance (Rombach et al. 2022, §4.3.2)."""
     generator = torch.Generator().manual_seed(0)
+    means, stds = means.cpu(), stds.cpu()  # the same factor whichever device trained the VAE
     sample = means + stds * torch.randn(means.shape, generator=generator)
     return float(1.0 / sample.flatten().std())
+
+
+def _randomized(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[B, 1, H, W] in [-1, 1] -> randomized, same range (the draws on the CPU, whatever the device)."""
+    cpu = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+    return randomize((images.cpu() + 1) / 2, cpu).to(images.device) * 2 - 1
 
 
 def train_unet(
@@ -91,9 +105,10 @@ def train_unet(
     conditions: torch.Tensor,
     cfg: PretrainConfig,
     progress: Progress | None = None,
+    images: torch.Tensor | None = None,
 ) -> int:
     """Train UNet + condition encoder with EMA; the EMA weights replace the live ones. Returns steps done."""
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    generator = torch.Generator(device=ldm.device).manual_seed(cfg.seed + 1)
     denoiser = ldm.denoiser.train()
     ema = EMA(denoiser, cfg.ema_decay)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
@@ -101,10 +116,13 @@ def train_unet(
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
     step = 0
     for step in range(1, cfg.unet_steps + 1):
-        idx = torch.randint(len(means), (cfg.batch_size,), generator=generator)
-        latents = (
-            means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)
-        ) * ldm.settings.scale_factor
+        idx = torch.randint(len(means), (cfg.batch_size,), generator=generator, device=ldm.device)
+        if cfg.randomize and images is not None:  # encode this step's randomized slices
+            latents = encode(ldm.vae, _randomized(images[idx], generator), ldm.settings.scale_factor, generator)
+        else:
+            latents = (
+                means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator, device=ldm.device)
+            ) * ldm.settings.scale_factor  # -> [B, 4, 16, 16]
         loss = ldm_loss(denoiser, ldm.scheduler, latents, conditions[idx], generator, cfg.drop_prob, cfg.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,16 +147,18 @@ def pretrain(
     command: str = "",
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> LDM:
-    """Train a base LDM from scratch on `data` and save it with a provenance file."""
+    """Train a base LDM from scratch on `data`, on `device`, and save it with a provenance file."""
     start = time.time()
     torch.manual_seed(cfg.seed)
-    ldm = build_ldm(replace(spec, image_size=data.images.shape[-1]), cfg.prediction_type, seed=cfg.seed)
+    ldm = build_ldm(replace(spec, image_size=data.images.shape[-1]), cfg.prediction_type, seed=cfg.seed).to(device)
+    data = SliceTable(data.images.to(device), data.conditions.to(device))
     train_vae(ldm, data, cfg, progress)
     means, stds = latent_moments(ldm, data.images)
     ldm.settings = replace(ldm.settings, scale_factor=scale_factor(means, stds))
-    unet_steps = train_unet(ldm, means, stds, data.conditions, cfg, progress)
-    files = save_ldm(ldm, out, dtype)
+    unet_steps = train_unet(ldm, means, stds, data.conditions, cfg, progress, data.images)
+    files = save_ldm(ldm.to(torch.device("cpu")), out, dtype)
     provenance = {
         "command": command or " ".join(sys.argv),
         "config": asdict(cfg),
@@ -154,6 +174,7 @@ def pretrain(
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
+            "device": describe(device),
         },
         "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
     }

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from common.device import DEVICES
 from common.finetune import FinetuneMode
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -21,6 +22,10 @@ class RunConfig:
     local_steps: int = 20
     batch_size: int = 16  # expected subjects per DP-SGD step (the site may clamp)
     learning_rate: float = 1e-4
+    # Subject multiplicity (client/trainer.py): a sampled subject's clipped gradient is the mean over
+    # K of its slices and M noise/timestep draws per slice. Costs no privacy; costs K·M compute.
+    slices_per_subject: int = 4  # K
+    noise_draws: int = 2  # M
     finetune_mode: str = "attention"
     lora_rank: int = 4
     base_model: str = "shipped"  # "shipped" or a model directory present at every site
@@ -34,6 +39,9 @@ class RunConfig:
     resume: bool = False
     sites: str = ""  # simulation: comma-separated site YAMLs, one per virtual SuperNode (partition-id)
     seed: int = 0
+    # simulation: the device every virtual SuperNode trains on (cpu, cuda, auto); "" = each site
+    # YAML's `device:`. A deployed (guarded) node refuses it: there the YAML decides.
+    device: str = ""
     # Optional client-level DP at the server (server/client_dp.py); off by default.
     client_dp: str = "off"  # off | fixed (Flower's server-side fixed-clipping wrapper)
     client_dp_noise: float = 1.0  # σ of the noise on the mean of clipped site updates, in units of C/n
@@ -54,6 +62,8 @@ class RunConfig:
             _bad("strategy", self.strategy, list(STRATEGIES))
         if self.client_dp not in CLIENT_DP:
             _bad("client-dp", self.client_dp, list(CLIENT_DP))
+        if self.device not in ("", *DEVICES):
+            _bad("device", self.device, ["", *DEVICES])
         if self.task not in TASKS:
             _bad("task", self.task, list(TASKS))
         if self.task == "evaluate" and not self.eval_model:
@@ -71,7 +81,7 @@ class RunConfig:
             if not 0 < self.client_dp_delta < 1:
                 raise ValueError(f"run config 'client-dp-delta' must lie in (0, 1), got {self.client_dp_delta}")
         for name in (
-            "num_server_rounds", "local_steps", "batch_size", "lora_rank", "min_train_nodes", "eval_samples",
+            "num_server_rounds", "local_steps", "batch_size", "slices_per_subject", "noise_draws", "lora_rank", "min_train_nodes", "eval_samples",
             "eval_steps", "eval_grid_samples", "eval_min_subjects",
         ):  # fmt: skip
             if getattr(self, name) < 1:

@@ -38,22 +38,25 @@ def sample(
     """Generate one image per row of `conditions` [N, 7]. Returns [N, 1, H, W] in [0, 1].
 
     Guided prediction: ε̂ = ε(∅) + w (ε(c) − ε(∅)) (Ho & Salimans 2022, eq. 6). The same seed
-    gives the same images.
+    gives the same images on the same device. Runs where the model is; the images come back on the CPU.
     """
-    generator = torch.Generator().manual_seed(seed)
+    device = next(ldm.denoiser.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     ldm.denoiser.eval()
     ldm.vae.eval()
     size = ldm.latent_size
     channels = ldm.vae.config.latent_channels
-    noise = torch.randn(len(conditions), channels, size, size, generator=generator)  # -> [N, 4, 16, 16]
+    noise = torch.randn(len(conditions), channels, size, size, generator=generator, device=device)  # -> [N, 4, 16, 16]
     outputs = []
     done = 0
     for start in range(0, len(conditions), batch_size):
-        cond = conditions[start : start + batch_size]
+        cond = conditions[start : start + batch_size].to(device)
         scheduler = make_scheduler(ldm, sampler)
-        scheduler.set_timesteps(steps if sampler == "dpm++" else min(steps, ldm.scheduler.config.num_train_timesteps))
+        scheduler.set_timesteps(
+            steps if sampler == "dpm++" else min(steps, ldm.scheduler.config.num_train_timesteps), device=device
+        )
         latents = noise[start : start + batch_size] * scheduler.init_noise_sigma
-        both = torch.cat([unconditional(len(cond)), cond])  # -> [2b, 7]
+        both = torch.cat([unconditional(len(cond), device), cond])  # -> [2b, 7]
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             prediction = ldm.denoiser(model_input, t.expand(len(both)), both)  # -> [2b, 4, 16, 16]
@@ -61,7 +64,7 @@ def sample(
             guided = uncond + guidance_scale * (cond_pred - uncond)
             latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
         images = ldm.vae.decode(latents / ldm.settings.scale_factor).sample  # -> [b, 1, 64, 64]
-        outputs.append((images.clamp(-1, 1) + 1) / 2)
+        outputs.append(((images.clamp(-1, 1) + 1) / 2).cpu())
         done += len(cond)
         if progress:
             progress(done, len(conditions))

@@ -194,6 +194,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
             "local-steps": run.local_steps,
             "batch-size": run.batch_size,
             "learning-rate": run.learning_rate,
+            "slices-per-subject": run.slices_per_subject,
+            "noise-draws": run.noise_draws,
             "base-model": run.base_model,
             "finetune-mode": run.finetune_mode,
             "lora-rank": run.lora_rank,

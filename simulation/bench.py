@@ -51,8 +51,8 @@ def machine() -> dict:
 # ---- steps ---------------------------------------------------------------------------------
 
 
-def _step_setup(mode: str, batch: int, seed: int = 0):
-    """The shipped base in `mode`, a fixed batch of public-looking inputs and a step function factory."""
+def _step_setup(mode: str, batch: int, seed: int = 0, device: str = "cpu"):
+    """The shipped base in `mode` on `device` and a fixed batch of `batch` rows of public-looking inputs."""
     import torch
 
     from common.finetune import configure, parse_mode
@@ -60,14 +60,14 @@ def _step_setup(mode: str, batch: int, seed: int = 0):
     from common.weights import base_model_dir
 
     torch.manual_seed(seed)
-    ldm = load_ldm(base_model_dir())
+    ldm = load_ldm(base_model_dir()).to(torch.device(device))
     configure(ldm.denoiser, parse_mode(mode), 4)
     latents = torch.randn(batch, 4, ldm.latent_size, ldm.latent_size)  # -> [B, 4, 16, 16]
     conditions = torch.zeros(batch, 7)
     conditions[:, 2] = 1.5
     conditions[:, 3:6] = float("nan")
     conditions[:, 6] = 0.5
-    return ldm, latents, conditions
+    return ldm, latents.to(device), conditions.to(device)
 
 
 class TorchNormal:
@@ -82,20 +82,22 @@ class TorchNormal:
 STEP_KINDS = ("plain", "dp", "dp_torch_noise")
 
 
-def make_step(mode: str, batch: int, kind: str) -> Callable[[], float]:
-    """A closure running one optimizer step on the fixed batch: plain, DP-SGD as sites run it (ChaCha20
-    noise), or the same DP-SGD step with torch-generator noise (what Opacus draws without secure_mode)."""
+def make_step(mode: str, batch: int, kind: str, rows_per_subject: int = 1, device: str = "cpu") -> Callable[[], float]:
+    """A closure running one optimizer step on a fixed batch of `batch` subjects x `rows_per_subject`
+    rows (K slices x M draws): plain, DP-SGD as sites run it (ChaCha20 noise, each subject's rows
+    averaged before clipping), or the same DP-SGD step with torch-generator noise (what Opacus draws
+    without secure_mode)."""
     import torch
 
     from client.policy import RoundPlan
     from client.secure_random import SecureRandom
-    from client.trainer import make_private
+    from client.trainer import group_by_subject, make_private
     from common.objective import ldm_loss
 
     if kind not in STEP_KINDS:
         raise ValueError(f"step kind {kind!r} is not one of {STEP_KINDS}")
-    ldm, latents, conditions = _step_setup(mode, batch)
-    generator = torch.Generator().manual_seed(0)
+    ldm, latents, conditions = _step_setup(mode, batch * rows_per_subject, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     model: torch.nn.Module = ldm.denoiser.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-5)
@@ -112,18 +114,24 @@ def make_step(mode: str, batch: int, kind: str) -> Callable[[], float]:
         loss = ldm_loss(model, ldm.scheduler, latents, conditions, generator, 0.1, 5.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if kind != "plain":
+            group_by_subject(params, rows_per_subject)
         optimizer.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     return step
 
 
-def dp_step_timing(modes: tuple[str, ...], batch: int, repeats: int) -> dict:
+def dp_step_timing(
+    modes: tuple[str, ...], batch: int, repeats: int, rows_per_subject: int = 1, device: str = "cpu"
+) -> dict:
     """Median seconds per plain step, DP step (secure noise) and DP step with torch noise, interleaved
     after one warm-up step each; the ratios are DP over plain and secure noise over torch noise."""
     out = {}
     for mode in modes:
-        steps = {kind: make_step(mode, batch, kind) for kind in STEP_KINDS}
+        steps = {kind: make_step(mode, batch, kind, rows_per_subject, device) for kind in STEP_KINDS}
         for step in steps.values():
             step()
         times: dict[str, list[float]] = {kind: [] for kind in STEP_KINDS}
@@ -198,6 +206,81 @@ def upload_bytes(modes: tuple[str, ...]) -> dict:
         sizes[mode] = sum(len(array.data) for array in record.values())
     full = sizes.get("full")
     return {mode: {"bytes": n, "full_over_mode": round(full / n, 1) if full else None} for mode, n in sizes.items()}
+
+
+# ---- multiplicity ----------------------------------------------------------------------------
+
+MULTIPLICITIES = ((1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1))
+
+
+def multiplicity_signal(
+    yaml_path: Path, subjects: int, repeats: int, settings: tuple[tuple[int, int], ...] = MULTIPLICITIES
+) -> dict:
+    """How much of each subject's clipping budget points along the expected gradient, per (K, M).
+
+    DP-SGD's step is (Σ_b clip_C(g_b) + N(0, σ²C²)) / B. Along the expected gradient's direction u
+    its signal is Σ_b <clip_C(g_b), u> / B and its noise σC/B, so at a given σ (a given ε) the
+    signal-to-noise ratio is proportional to `aligned` = mean_b <clip_C(g_b), u> / C. Averaging K
+    slices and M draws inside g_b removes per-draw randomness before clipping, so `aligned` grows;
+    the compute grows as K·M. u: the plain gradient over the same subjects with 8 slices x 4 draws
+    each, from other draws. The shipped base in attention mode, C = 1, a synthetic site.
+    """
+    import torch
+    from opacus.grad_sample import GradSampleModule
+
+    from client.round import site_data
+    from client.trainer import TrainSettings, collate, group_by_subject, subject_loss
+    from common.finetune import FinetuneMode, configure
+    from common.model import load_ldm
+    from common.weights import base_model_dir
+    from sites.datasets import SubjectDataset
+
+    ldm = load_ldm(base_model_dir())
+    configure(ldm.denoiser, FinetuneMode.attention, 4)
+    _, slices, _ = site_data(str(yaml_path))
+    denoiser = ldm.denoiser.train()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    chosen = list(range(min(subjects, len(slices.subjects))))
+    out: dict = {"subjects": len(chosen), "repeats": repeats, "clip": 1.0, "mode": "attention"}
+    rows = []
+    for repeat in range(repeats):
+        # Reference direction u: 8 slices x 4 draws per subject, plain autograd, its own seeds.
+        reference = TrainSettings(slices_per_subject=8, noise_draws=4)
+        data = SubjectDataset(slices, seed=10_000 + repeat, slices_per_subject=8)
+        denoiser.zero_grad(set_to_none=True)
+        generator = torch.Generator().manual_seed(10_000 + repeat)
+        subject_loss(ldm, reference, generator)(denoiser, collate([data[i] for i in chosen])).backward()
+        u = torch.cat([p.grad.flatten() for p in params])
+        u = u / u.norm()
+        denoiser.zero_grad(set_to_none=True)
+        wrapped = GradSampleModule(denoiser, batch_first=True, loss_reduction="mean")
+        for k, m in settings:
+            data = SubjectDataset(slices, seed=repeat, slices_per_subject=k)
+            generator = torch.Generator().manual_seed(repeat)
+            loss = subject_loss(ldm, TrainSettings(slices_per_subject=k, noise_draws=m), generator)
+            loss(wrapped, collate([data[i] for i in chosen])).backward()
+            group_by_subject(params, k * m)
+            per_subject = torch.cat([p.grad_sample.flatten(1) for p in params], 1)  # -> [b, d]
+            norms = per_subject.norm(dim=1)
+            clipped = per_subject / (norms / 1.0).clamp(min=1.0)[:, None]
+            rows.append({"k": k, "m": m, "aligned": float((clipped @ u).mean()), "norm": float(norms.median())})
+            for p in params:
+                p.grad_sample = None
+                p.grad = None
+        wrapped.remove_hooks()
+    table = []
+    for k, m in settings:
+        mine = [r for r in rows if r["k"] == k and r["m"] == m]
+        aligned = [r["aligned"] for r in mine]
+        table.append({"slices_per_subject": k, "noise_draws": m, "rows_per_subject": k * m,
+                      "aligned": round(statistics.mean(aligned), 4),
+                      "aligned_sd": round(statistics.stdev(aligned), 4) if len(aligned) > 1 else None,
+                      "median_subject_grad_norm": round(statistics.median(r["norm"] for r in mine), 4)})  # fmt: skip
+    base = table[0]["aligned"]
+    for row in table:
+        row["signal_over_k1_m1"] = round(row["aligned"] / base, 3) if base > 0 else None
+    out["table"] = table
+    return out
 
 
 # ---- federation ----------------------------------------------------------------------------
@@ -402,17 +485,21 @@ class BenchSizes:
     scale_counts: tuple[int, ...] = (5, 20, 50)
     scale_subjects: int = 12
     scale_steps: int = 2
+    multiplicity_repeats: int = 5
 
     @classmethod
     def quick(cls) -> BenchSizes:
-        return cls(8, 3, ("attention",), 5, 2, 1000, (5,), 4, 1)
+        return cls(8, 3, ("attention",), 5, 2, 1000, (5,), 4, 1, 3)
 
 
-def run_bench(sizes: BenchSizes, work: Path | None = None, progress: Callable[[str], None] = print) -> dict:
-    """Every measurement, in one run, as one JSON-ready dict."""
+def run_bench(
+    sizes: BenchSizes, work: Path | None = None, progress: Callable[[str], None] = print, device: str = "cpu"
+) -> dict:
+    """Every measurement, in one run, as one JSON-ready dict. The step timings run on `device`
+    ("cpu" or "cuda"); federation, sampler and scale stages on the CPU."""
     work = work or Path(tempfile.mkdtemp(prefix="fedmri-bench-"))
     start = time.perf_counter()
-    result: dict = {"sizes": asdict(sizes), "machine": machine()}
+    result: dict = {"sizes": asdict(sizes), "machine": {**machine(), "step_device": device}}
     stages: dict[str, float] = {}
 
     def stage(name: str, measure: Callable[[], dict]) -> dict:
@@ -422,12 +509,29 @@ def run_bench(sizes: BenchSizes, work: Path | None = None, progress: Callable[[s
         stages[name] = round(time.perf_counter() - began, 1)
         return value
 
-    timing = stage("dp_step_timing", lambda: dp_step_timing(MODES, sizes.batch, sizes.step_repeats))
+    timing = stage("dp_step_timing", lambda: dp_step_timing(MODES, sizes.batch, sizes.step_repeats, device=device))
     memory = stage("dp_step_memory", lambda: step_memory(sizes.memory_modes, sizes.batch))
     result["dp_step_over_plain_step"] = {
         **{mode: {**timing[mode], "peak_memory": memory.get(mode)} for mode in MODES},
         "batch_size": sizes.batch,
         "default_mode": "attention",
+    }
+    # The default mode as sites run it: K slices x M draws per subject (run config defaults).
+    from common.run_config import RunConfig
+
+    k, m = RunConfig.slices_per_subject, RunConfig.noise_draws
+    multiplicity = stage(
+        "dp_step_timing_multiplicity",
+        lambda: dp_step_timing((RunConfig.finetune_mode,), sizes.batch, sizes.multiplicity_repeats, k * m, device),
+    )
+    result["dp_step_over_plain_step_with_multiplicity"] = {
+        **multiplicity[RunConfig.finetune_mode],
+        "mode": RunConfig.finetune_mode,
+        "subjects": sizes.batch,
+        "slices_per_subject": k,
+        "noise_draws": m,
+        "rows": sizes.batch * k * m,
+        "target_ratio": 1.3,
     }
     result["upload_bytes_per_round"] = stage("upload_bytes_per_round", lambda: upload_bytes(MODES))
     result["federation_overhead"] = stage(

@@ -27,6 +27,22 @@ app = typer.Typer(
 app.add_typer(sites_app, name="sites")
 console = Console()
 
+DEVICE_HELP = "cpu, cuda (an error without a GPU) or auto (the GPU when torch sees one)."
+Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
+
+
+def _device(choice: str):
+    """--device as a torch device, or exit 2 naming the flag."""
+    from common.device import describe, resolve_device
+
+    try:
+        device = resolve_device(choice)
+    except (ValueError, RuntimeError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"device: {describe(device)}")
+    return device
+
 
 def read_slices(yaml_paths: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:
     """All slices of these sites (images [N, H, W], conditions [N, 7]) and a per-site summary."""
@@ -58,6 +74,10 @@ def pretrain(
     prediction_type: Annotated[str, typer.Option(help="'epsilon' or 'v_prediction'.")] = "epsilon",
     fp16: Annotated[bool, typer.Option(help="Store weights in float16 (halves the size; training is fp32).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and sampling.")] = 0,
+    device: Device = "cpu",
+    randomize: Annotated[
+        bool, typer.Option(help="Domain randomization of every slice (common/randomize.py), VAE and UNet phases.")
+    ] = False,
 ) -> None:
     """Pretrain the base LDM on a scenario's **public** sites: the VAE, then the UNet with EMA.
 
@@ -77,6 +97,7 @@ def pretrain(
     if not public:
         console.print(f"[red]error:[/red] scenario {scenario!r} has no public sites to pretrain on")
         raise typer.Exit(2)
+    where = _device(device)
     yaml_paths = make_scenario_sites(public, sites_dir)
     images, conditions, summary = read_slices(yaml_paths)
     cfg = PretrainConfig(
@@ -86,6 +107,7 @@ def pretrain(
         max_minutes=max_minutes,
         prediction_type=prediction_type,
         seed=seed,
+        randomize=randomize,
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -108,6 +130,7 @@ def pretrain(
         run_pretrain(
             slice_table(images, conditions), out, cfg, data_summary=summary,
             command="fedmri " + shlex.join(sys.argv[1:]), dtype=torch.float16 if fp16 else torch.float32, progress=progress,
+            device=where,
         )  # fmt: skip
     console.print(f"base model written to {out} ({len(images)} public slices)")
 
@@ -128,6 +151,13 @@ def train_evaluator(
     steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and sampling.")] = 0,
+    randomize: Annotated[
+        bool,
+        typer.Option(
+            help="Domain randomization (common/randomize.py): intensity curve, gamma, bias, noise, "
+            "blur, resolution, skull stripping, crops; for real scans."
+        ),
+    ] = False,
 ) -> None:
     """Train fedmri's evaluator on the public **reference** sites (every contrast and pathology at 0.3, 1.5, 3 T).
 
@@ -166,7 +196,7 @@ def train_evaluator(
         )
 
     fit_data, val_data = stack(training), stack(validation)
-    cfg = EvaluatorConfig(steps=steps, batch_size=batch_size, seed=seed)
+    cfg = EvaluatorConfig(steps=steps, batch_size=batch_size, seed=seed, randomize=randomize)
     with Progress(TextColumn("evaluator"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
                   TimeElapsedColumn(), console=console) as bar:  # fmt: skip
         task = bar.add_task("train", total=steps, loss=0.0)
@@ -183,6 +213,73 @@ def train_evaluator(
         f"evaluator written to {out}: validation accuracy (held-out reference subjects) "
         + ", ".join(f"{k} {v:.1%}" for k, v in val_accuracy.items())
     )
+
+
+evaluator_app = typer.Typer(help="The shipped evaluator (condition adherence, FD features): check it on real scans.")
+app.add_typer(evaluator_app, name="evaluator")
+
+
+@evaluator_app.command("check")
+def evaluator_check(
+    real: Annotated[Path, typer.Option(help="Folder of real NIfTI files named <anything>_<modality>.nii.gz.")],
+    evaluator: Annotated[Path | None, typer.Option(help="Evaluator directory (default: the shipped one).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Print the evaluator's modality confusion on labelled **real** scans, per slice and per file.
+
+    Slices are cut as a site's reader cuts them (64 px, 220 mm). The label is the file name's
+    last `_` field; other files (lesion masks) are listed as skipped. Validation only: a folder
+    used here must never be used to train or tune the evaluator or the model.
+    """
+    import json
+
+    import numpy as np
+    from rich.table import Table
+
+    from common.conditions import Modality
+    from common.evaluator import load_evaluator, modality_accuracy, modality_confusion
+    from sites.real_scans import read_real_scans
+
+    try:
+        scans = read_real_scans(real)
+        model = load_evaluator(evaluator)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    predicted = model.predict(scans.images.astype(np.float32))["modality"]
+    names = [m.value for m in Modality]
+    per_file = Table(title=f"{real}: {len(scans.files)} files, {len(scans.images)} slices")
+    for column in ("file", "labelled", "called (most slices)", "slices right"):
+        per_file.add_column(column, overflow="fold")
+    files = {}
+    for i, name in enumerate(scans.files):
+        rows = scans.scan == i
+        truth = int(scans.modality[rows][0])
+        votes = np.bincount(predicted[rows], minlength=len(names))
+        files[name] = {"labelled": names[truth], "called": names[int(votes.argmax())],
+                       "slices_right": float((predicted[rows] == truth).mean())}  # fmt: skip
+        per_file.add_row(name, names[truth], files[name]["called"], f"{files[name]['slices_right']:.0%}")
+    console.print(per_file)
+    counts = modality_confusion(scans.modality, predicted)
+    confusion = Table(title="modality confusion (slices): row = labelled, column = called")
+    confusion.add_column("")
+    for name in names:
+        confusion.add_column(name, justify="right")
+    for i, name in enumerate(names):
+        if counts[i].sum():
+            confusion.add_row(name, *(str(c) for c in counts[i]))
+    console.print(confusion)
+    figures = modality_accuracy(scans.modality, predicted)
+    console.print(
+        f"slice accuracy {figures['modality']:.1%}; with T1w and T1ce as one family {figures['modality_t1_family']:.1%}"
+    )
+    for name, why in scans.skipped.items():
+        console.print(f"skipped {name}: {why}")
+    if json_out is not None:
+        record = {"folder": str(real), "evaluator": model.provenance.get("files"), **figures,
+                  "slices": len(scans.images), "confusion": counts.tolist(), "classes": names, "files": files,
+                  "skipped": scans.skipped}  # fmt: skip
+        json_out.write_text(json.dumps(record, indent=2))
 
 
 @app.command()
@@ -208,6 +305,18 @@ def simulate(
     ] = "off",
     client_dp_noise: Annotated[float, typer.Option(help="Client-level noise multiplier σ.")] = 1.0,
     client_dp_clip: Annotated[float, typer.Option(help="Client-level clipping norm C of a site's update.")] = 1.0,
+    slices_per_subject: Annotated[
+        int | None,
+        typer.Option(
+            help="K: slices averaged inside each sampled subject's clipped gradient (default: the run config's)."
+        ),
+    ] = None,
+    noise_draws: Annotated[
+        int | None, typer.Option(help="M: noise/timestep draws per slice, likewise (default: the run config's).")
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help=f"Every simulated site's device: {DEVICE_HELP} Default: each site YAML's `device:`.")
+    ] = "",
 ) -> None:
     """Simulate the federation on this machine with Flower's Simulation Engine.
 
@@ -228,11 +337,14 @@ def simulate(
             num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, learning_rate=learning_rate,
             finetune_mode=mode, strategy=strategy, base_model=base_model, resume=resume, min_train_nodes=min_train_nodes,
             run_dir=str(out.resolve()), sites="", client_dp=client_dp, client_dp_noise=client_dp_noise,
-            client_dp_clip=client_dp_clip,
+            client_dp_clip=client_dp_clip, device=device,
+            **{k: v for k, v in (("slices_per_subject", slices_per_subject), ("noise_draws", noise_draws)) if v is not None},
         )  # fmt: skip
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
+    if device:
+        _device(device)
     if not resume and (out / "metrics.jsonl").exists():
         console.print(f"[red]error:[/red] {out} already holds a run; continue it with --resume or choose a new --out")
         raise typer.Exit(2)
@@ -317,6 +429,7 @@ def generate(
     skip_verify: Annotated[
         bool, typer.Option(help="Load a release without verifying its privacy.json first (says so).")
     ] = False,
+    device: Device = "cpu",
 ) -> None:
     """Generate brain MRI slices from a prompt, or a modality x pathology grid (`--grid`).
 
@@ -351,6 +464,7 @@ def generate(
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
+    ldm.to(_device(device))
     start = time.perf_counter()
     with Progress(console=console) as bar:
         task = bar.add_task(f"sampling ({sampler}, {steps} steps)", total=len(requests))
@@ -448,6 +562,9 @@ def evaluate(
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps per sample.")] = 20,
     min_subjects: Annotated[int, typer.Option(help="Skip conditions with fewer held-out subjects at a site.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the generated samples.")] = 0,
+    device: Annotated[
+        str, typer.Option(help=f"Where each site generates: {DEVICE_HELP} Default: each site YAML's `device:`.")
+    ] = "",
 ) -> None:
     """Federated evaluation of a release: each site scores it on its **held-out** subjects.
 
@@ -471,6 +588,8 @@ def evaluate(
     from sites.cli import make_scenario_sites
 
     _check_before_loading(model, skip_verify=False)
+    if device:
+        _device(device)
     try:
         hospitals = scenarios.create(scenario).hospitals
     except ValueError as err:
@@ -480,7 +599,7 @@ def evaluate(
     run = RunConfig(
         task="evaluate", eval_model=str(model.resolve()), eval_samples=samples, eval_grid_samples=grid_samples,
         eval_steps=steps, eval_min_subjects=min_subjects, seed=seed, run_dir=str(out.resolve()),
-        min_train_nodes=len(yaml_paths), sites=",".join(str(p.resolve()) for p in yaml_paths),
+        min_train_nodes=len(yaml_paths), sites=",".join(str(p.resolve()) for p in yaml_paths), device=device,
     )  # fmt: skip
     (out / "evaluation.json").unlink(missing_ok=True)
     console.print(f"evaluating {model} at {len(yaml_paths)} sites ({scenario}) -> {out}")
@@ -776,6 +895,7 @@ def bench(
             "A re-run there reuses the sites and replaces the runs."
         ),
     ] = None,
+    device: Annotated[str, typer.Option(help=f"Where the DP/plain step timings run: {DEVICE_HELP}")] = "cpu",
 ) -> None:
     """Measure speed, memory, upload size and scale in one run; print one JSON object on stdout.
 
@@ -791,9 +911,14 @@ def bench(
 
     err = Console(stderr=True)
     stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        where = _device(device).type
     with contextlib.redirect_stdout(sys.stderr):  # progress bars of site making etc. stay off the JSON
         result = run_bench(
-            BenchSizes.quick() if quick else BenchSizes(), work_dir, progress=lambda stage: err.print(f"bench: {stage}")
+            BenchSizes.quick() if quick else BenchSizes(),
+            work_dir,
+            progress=lambda stage: err.print(f"bench: {stage}"),
+            device=where,
         )
     print(json.dumps(result, indent=2), file=stdout)
 

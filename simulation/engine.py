@@ -10,6 +10,17 @@ from common.run_config import RunConfig
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml: the Flower App
 
 
+def backend_config(num_sites: int, cpus_per_client: float, gpus: int, cores: int) -> dict:
+    """Ray resources: as many concurrent ClientApp actors as there are cores (each loads torch and a
+    model), so 50 sites on 2 cores run 2 at a time, not 50 processes at once (fedmri bench: scale).
+    With `gpus` GPUs, each concurrent actor gets an equal share of them (num_gpus)."""
+    concurrent = max(1, int(min(num_sites, cores) * cpus_per_client))
+    return {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus / concurrent if gpus else 0.0},
+        "init_args": {"num_cpus": concurrent, **({"num_gpus": gpus} if gpus else {})},
+    }
+
+
 def run_simulation(run: RunConfig, num_sites: int, cpus_per_client: float = 1.0) -> None:
     """Start the Simulation Engine (Ray) with the same ServerApp and ClientApp as deployment.
 
@@ -47,14 +58,19 @@ def run_simulation(run: RunConfig, num_sites: int, cpus_per_client: float = 1.0)
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app=client_app,
         server_app=server_app,
-        backend_config={
-            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-            # As many concurrent ClientApp actors as there are cores (each loads torch and a model):
-            # 50 sites on 2 cores run 2 at a time, not 50 processes at once (fedmri bench: scale).
-            "init_args": {"num_cpus": max(1, int(min(num_sites, os.cpu_count() or 1) * cpus_per_client))},
-        },
+        backend_config=backend_config(num_sites, cpus_per_client, gpus_for(run), os.cpu_count() or 1),
         server_app_context=context,
         app_dir=str(PROJECT_DIR),
         run=flower_run,
         is_app=True,  # clients fuse the run config from app_dir, as under `flwr run`
     )
+
+
+def gpus_for(run: RunConfig) -> int:
+    """GPUs to hand Ray: every visible one when the run trains on a GPU (run config 'device' cuda or
+    auto with a GPU present); none otherwise, and none when each site YAML decides (device "")."""
+    import torch
+
+    if run.device in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 0

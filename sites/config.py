@@ -185,8 +185,14 @@ class SiteConfig:
     # The site's home: its ledger, its signing key (node.key, node.pub) and the marker that it has
     # trained. An absolute path, or None for $FEDMRI_HOME/sites/<site_id> (FEDMRI_HOME: ~/.fedmri).
     home: str | None = None
+    # Where this site trains and evaluates: cpu, cuda (an error if torch sees no GPU) or auto.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        from common.device import DEVICES
+
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not self.site_id or not all(c.isalnum() or c in "-_" for c in self.site_id):
             raise ValueError(f"site_id must be non-empty letters, digits, '-' or '_', got {self.site_id!r}")
         if self.home is not None and not Path(self.home).expanduser().is_absolute():

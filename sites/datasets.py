@@ -18,14 +18,19 @@ def _item(slices: SiteSlices, i: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SubjectDataset(Dataset):
-    """Item i is subject i: a random slice of a random available scan of that subject.
+    """Item i is subject i: `slices_per_subject` (K) slices of that subject, each a random slice of a
+    random one of its scans (any contrast), drawn with replacement.
 
-    Because one item is one subject, Poisson sampling of items is Poisson sampling of
-    subjects, and per-item gradient clipping bounds each subject's contribution.
+    Because one item is one subject, Poisson sampling of items is Poisson sampling of subjects,
+    and clipping the gradient of the item's mean loss bounds each subject's contribution however
+    many of its slices the item holds (client/trainer.py).
     """
 
-    def __init__(self, slices: SiteSlices, seed: int = 0) -> None:
+    def __init__(self, slices: SiteSlices, seed: int = 0, slices_per_subject: int = 1) -> None:
+        if slices_per_subject < 1:
+            raise ValueError(f"slices_per_subject must be >= 1, got {slices_per_subject}")
         self.slices = slices
+        self.k = slices_per_subject
         self.generator = torch.Generator().manual_seed(seed)
         # For each subject, for each of its scans, the slice indices of that scan.
         self.by_subject: list[list[np.ndarray]] = []
@@ -37,11 +42,16 @@ class SubjectDataset(Dataset):
         return len(self.by_subject)
 
     def __getitem__(self, subject: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> images [K, 1, H, W] in [-1, 1], conditions [K, 7]"""
         scans = self.by_subject[subject]
         if not scans:
             raise IndexError(f"subject {self.slices.subjects[subject]} has no usable slices")
-        rows = scans[int(torch.randint(len(scans), (1,), generator=self.generator))]
-        return _item(self.slices, int(rows[int(torch.randint(len(rows), (1,), generator=self.generator))]))
+        items = []
+        for _ in range(self.k):
+            rows = scans[int(torch.randint(len(scans), (1,), generator=self.generator))]
+            items.append(_item(self.slices, int(rows[int(torch.randint(len(rows), (1,), generator=self.generator))])))
+        images, conditions = zip(*items, strict=True)
+        return torch.stack(images), torch.stack(conditions)
 
 
 class SliceDataset(Dataset):

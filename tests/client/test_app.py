@@ -45,7 +45,8 @@ def train_message(base: Path, server_round: int = 1, **overrides: object) -> Mes
     configure(ldm.denoiser, FinetuneMode.attention, 2)
     config = {
         "server-round": server_round, "num-rounds": 2, "local-steps": 2, "batch-size": 2, "learning-rate": 1e-3,
-        "base-model": str(base), "finetune-mode": "attention", "lora-rank": 2, **overrides,
+        "base-model": str(base), "finetune-mode": "attention", "lora-rank": 2, "slices-per-subject": 2,
+        "noise-draws": 2, **overrides,
     }  # fmt: skip
     content = RecordDict({"arrays": ArrayRecord(trainable_tensors(ldm.denoiser)), "config": ConfigRecord(config)})
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
@@ -170,3 +171,15 @@ def test_a_guarded_node_never_takes_its_yaml_from_the_server(monkeypatch: pytest
     monkeypatch.setenv(GUARDED_NODE, "1")  # what `fedmri node start`'s ClientApp process sets
     with pytest.raises(ValueError, match="no site-config in its node config"):
         yaml_of(ctx, run)
+
+
+def test_a_deployed_node_refuses_a_device_chosen_by_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.app import device_override
+    from client.trusted_code import GUARDED_NODE
+
+    run = RunConfig(device="cpu")
+    assert device_override(run) == "cpu"  # simulation: the run config may choose
+    monkeypatch.setenv(GUARDED_NODE, "1")
+    with pytest.raises(ValueError, match="site YAML's `device:`"):
+        device_override(run)
+    assert device_override(RunConfig()) == ""  # unset: the YAML decides

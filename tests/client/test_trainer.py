@@ -16,7 +16,6 @@ from client.secure_random import SecureRandom
 from client.trainer import RoundRandomness, make_private, run_dp_steps, train_round
 from common.finetune import FinetuneMode, trainable_tensors
 from sites.bids import read_site
-from sites.datasets import SubjectDataset
 
 
 def _squared(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -44,6 +43,24 @@ def test_each_subject_contribution_is_clipped_to_c() -> None:
     private.remove_hooks()
 
 
+def test_a_subject_with_many_rows_is_still_clipped_to_c_as_one() -> None:
+    """K·M rows per subject (client/trainer.group_by_subject): all 12 rows push the same way, so
+    clipping each row to C would move the weights by 12·C/B; clipping each subject's mean moves them
+    by at most 4·C/B."""
+    model = torch.nn.Linear(8, 1, bias=False)
+    data = TensorDataset(torch.ones(4, 3, 8) * 100.0, torch.zeros(4))  # 4 subjects x 3 rows
+
+    def rows_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return module(batch[0].flatten(0, 1)).mean()  # -> mean over [b·3] rows, subject-major
+
+    plan = RoundPlan(1, 1.0, 4, 1.0, noise_multiplier=0.0, max_grad_norm=0.5)
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    run_dp_steps(model, optimizer, rows_loss, data, plan, RoundRandomness(), rows_per_subject=3)
+    change = (model.weight.detach() - before).norm().item()
+    assert change == pytest.approx(4 / plan.expected_batch_size * plan.max_grad_norm, rel=1e-5)
+
+
 @pytest.mark.parametrize("sample_rate", [1e-9, 1.0])
 def test_every_step_adds_noise_of_scale_sigma_c_over_b(sample_rate: float) -> None:
     """With lr 1 SGD, a step moves the weights by -(clipped sum + N(0, σ²C²)) / B. With zero inputs
@@ -67,7 +84,7 @@ def test_an_empty_poisson_draw_still_changes_the_released_tensors(tiny_sites: Pa
     initial = _initial(tiny_base)
     ldm = load_model(str(tiny_base), FinetuneMode.attention, 2, initial)
     plan = RoundPlan(1, 1e-9, 4, 1e-3, noise_multiplier=1.0, max_grad_norm=1.0)  # nobody is drawn
-    result = train_round(ldm, SubjectDataset(slices, seed=0), plan)
+    result = train_round(ldm, slices, plan)
     assert result.empty_steps == 1
     after = trainable_tensors(ldm.denoiser)
     assert all(not torch.equal(after[k], initial[k]) for k in initial)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
+from client.trainer import group_by_subject
 from common.finetune import FinetuneMode, LoRALinear, configure, load_trainable, merge_lora, trainable_tensors
 from common.model import ModelSpec, build_ldm
 
@@ -27,10 +28,11 @@ def _denoiser(mode: FinetuneMode, seed: int = 0):
 def _batch(n: int = 3):
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(n, 4, 4, 4, generator=g)
-    timesteps = torch.tensor([5, 400, 900])[:n]
+    timesteps = torch.tensor([5, 400, 900, 150])[:n]
     conditions = torch.tensor(
-        [[0, 1, 3.0, 0.5, 0.012, float("nan"), 0.3], [3, 0, 0.3, 6.0, 0.12, 2.0, 0.7], [float("nan")] * 7]
-    )[:n]
+        [[0, 1, 3.0, 0.5, 0.012, float("nan"), 0.3], [3, 0, 0.3, 6.0, 0.12, 2.0, 0.7], [float("nan")] * 7,
+         [2, 2, 1.5, 9.0, 0.09, 2.5, 0.5]]
+    )[:n]  # fmt: skip
     target = torch.randn(n, 4, 4, 4, generator=g)
     return latents, timesteps, conditions, target
 
@@ -39,27 +41,34 @@ def _loss(model, latents, timesteps, conditions, target) -> torch.Tensor:
     return ((model(latents, timesteps, conditions) - target) ** 2).mean(dim=(1, 2, 3)).mean()
 
 
+@pytest.mark.parametrize("rows_per_subject", [1, 2])
 @pytest.mark.parametrize("mode", list(FinetuneMode))
-def test_opacus_per_sample_gradients_equal_autograd(mode: FinetuneMode) -> None:
-    # Arrange: the real diffusers UNet in each mode, wrapped as PrivacyEngine wraps it (hooks).
+def test_per_subject_gradients_equal_autograd(mode: FinetuneMode, rows_per_subject: int) -> None:
+    """What DP-SGD clips is each subject's gradient: with R rows per subject (K slices x M draws,
+    client/trainer.py), Opacus's per-row gradients averaged by group_by_subject must equal autograd
+    of that subject's mean loss, computed one subject at a time."""
+    # Arrange: the real diffusers UNet in each mode, wrapped as the trainer wraps it (hooks).
     denoiser = _denoiser(mode)
-    latents, timesteps, conditions, target = _batch()
+    latents, timesteps, conditions, target = _batch(4)  # 4 rows: 4 subjects, or 2 subjects x 2 rows
     wrapped = GradSampleModule(denoiser, batch_first=True, loss_reduction="mean")
-    # Act: one batched backward through Opacus ...
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    # Act: one batched backward through Opacus, rows grouped by subject ...
     _loss(wrapped, latents, timesteps, conditions, target).backward()
+    group_by_subject(params, rows_per_subject)
     opacus_grads = {n: p.grad_sample.clone() for n, p in denoiser.named_parameters() if p.requires_grad}
-    # ... and plain autograd, one example at a time, on an identical copy.
+    # ... and plain autograd, one subject (its rows' mean loss) at a time, on an identical copy.
     reference = _denoiser(mode)
-    per_example = []
-    for i in range(len(latents)):
+    per_subject = []
+    for rows in torch.arange(4).split(rows_per_subject):
         reference.zero_grad()
-        _loss(reference, latents[i : i + 1], timesteps[i : i + 1], conditions[i : i + 1], target[i : i + 1]).backward()
-        per_example.append({n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad})
-    # Assert: every trainable tensor has a per-sample gradient equal to autograd's.
+        _loss(reference, latents[rows], timesteps[rows], conditions[rows], target[rows]).backward()
+        per_subject.append({n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad})
+    # Assert: every trainable tensor has a per-subject gradient equal to autograd's.
     assert opacus_grads, "no trainable parameters"
-    assert set(opacus_grads) == set(per_example[0])
+    assert set(opacus_grads) == set(per_subject[0])
     for name, grad_sample in opacus_grads.items():
-        expected = torch.stack([g[name] for g in per_example])
+        expected = torch.stack([g[name] for g in per_subject])
+        assert grad_sample.shape[0] == 4 // rows_per_subject
         assert torch.allclose(grad_sample, expected, rtol=1e-4, atol=1e-6), f"{mode.value}: {name}"
     assert any(g.abs().sum() > 0 for g in opacus_grads.values())
 

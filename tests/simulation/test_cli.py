@@ -84,3 +84,38 @@ def test_generate_writes_nifti_json_and_grid(tiny_base: Path, tmp_path: Path) ->
         app, ["generate", "--model", str(tiny_base), "--prompt", "FLAIR banana", "--out", str(tmp_path / "bad")]
     )
     assert bad.exit_code == 2 and "unknown words" in bad.output
+
+
+def test_evaluator_check_prints_the_confusion_on_labelled_scans(tiny_sites: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    # Arrange: a folder of "real" scans named <anything>_<modality>.nii.gz, plus a mask to skip.
+    scans = sorted((tiny_sites / "tiny-a").glob("sub-*/anat/*.nii.gz"))
+    t2 = next(p for p in scans if p.name.endswith("_T2w.nii.gz"))
+    flair = next(p for p in scans if p.name.endswith("_FLAIR.nii.gz"))
+    folder = tmp_path / "real"
+    folder.mkdir()
+    shutil.copy(t2, folder / "siteX_s1_T2w.nii.gz")
+    shutil.copy(flair, folder / "siteX_s1_FLAIR.nii.gz")
+    shutil.copy(flair, folder / "siteX_s1_lesionmask.nii.gz")
+    # Act
+    result = runner.invoke(app, ["evaluator", "check", "--real", str(folder), "--json", str(tmp_path / "c.json")])
+    # Assert: both labelled files read, the mask skipped by name, the figures agree with the confusion.
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "modality confusion" in said and "skipped siteX_s1_lesionmask.nii.gz" in said
+    record = json.loads((tmp_path / "c.json").read_text())
+    confusion = record["confusion"]
+    assert set(record["files"]) == {"siteX_s1_T2w.nii.gz", "siteX_s1_FLAIR.nii.gz"}
+    assert sum(map(sum, confusion)) == record["slices"] > 0
+    diagonal = sum(confusion[i][i] for i in range(len(confusion)))
+    assert record["modality"] == diagonal / record["slices"]
+
+
+def test_evaluator_check_with_no_labelled_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "scan_lesionmask.nii.gz").write_bytes(b"")
+    result = runner.invoke(app, ["evaluator", "check", "--real", str(tmp_path)])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "no labelled NIfTI file" in said and "skipped: scan_lesionmask.nii.gz (no modality" in said

@@ -177,3 +177,13 @@ def test_a_killed_server_resumes_after_its_last_completed_round(
         ledger = ledger_of(sites / f"{site['site_id']}.yaml")
         spent = [e["segment"] for e in ledger["entries"] if e["status"] in ("reserved", "trained")]
         assert site["segments"] == spent and site["entries"] == ledger["entries"]
+
+
+def test_ray_gives_each_concurrent_client_an_equal_gpu_share() -> None:
+    from simulation.engine import backend_config
+
+    cpu_only = backend_config(num_sites=3, cpus_per_client=1.0, gpus=0, cores=2)
+    assert cpu_only == {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+    gpu = backend_config(num_sites=3, cpus_per_client=1.0, gpus=1, cores=16)
+    assert gpu["client_resources"]["num_gpus"] == pytest.approx(1 / 3)  # 3 sites at once on one GPU
+    assert gpu["init_args"] == {"num_cpus": 3, "num_gpus": 1}

@@ -58,18 +58,22 @@ def test_reorientation_makes_lps_and_ras_sites_agree(tiny_sites: Path, tmp_path:
     assert np.array_equal(slices_lps.images, slices_ras.images)
 
 
-def test_subject_dataset_yields_one_subject_per_item(tiny_sites: Path) -> None:
+@pytest.mark.parametrize("k", [1, 3])
+def test_subject_dataset_yields_k_slices_of_one_subject_per_item(tiny_sites: Path, k: int) -> None:
     slices = read_site(tiny_sites / "tiny-a", image_size=32)
-    dataset = SubjectDataset(slices, seed=0)
+    dataset = SubjectDataset(slices, seed=0, slices_per_subject=k)
     assert len(dataset) == 4
     for subject in range(4):
-        image, conditions = dataset[subject]
-        assert image.shape == (1, 32, 32) and image.min() >= -1.0 and image.max() <= 1.0
-        assert conditions.shape == (len(CONDITION_VECTOR),)
-        # The slice really belongs to this subject: it matches one of the subject's slices.
+        images, conditions = dataset[subject]
+        assert images.shape == (k, 1, 32, 32) and images.min() >= -1.0 and images.max() <= 1.0
+        assert conditions.shape == (k, len(CONDITION_VECTOR))
+        # Every slice really belongs to this subject: each matches one of the subject's slices.
         own = torch.from_numpy(slices.images[slices.subject == subject].astype(np.float32)) * 2 - 1
-        assert (own - image).abs().flatten(1).max(1).values.min() == 0
+        for image in images:
+            assert (own - image).abs().flatten(1).max(1).values.min() == 0
     assert len(SliceDataset(slices)) == len(slices)
+    with pytest.raises(ValueError, match="slices_per_subject"):
+        SubjectDataset(slices, slices_per_subject=0)
 
 
 def test_cache_is_used_and_invalidated_outside_the_site(site: Path, tmp_path: Path) -> None:

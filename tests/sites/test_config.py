@@ -67,3 +67,10 @@ def test_every_scenario_builds() -> None:
     assert len(scenarios.create("many-small").hospitals) >= 50
     with pytest.raises(ValueError, match="choose one of: demo"):
         scenarios.create("nope")
+
+
+def test_device_defaults_to_cpu_and_an_unknown_one_names_the_file(tmp_path: Path) -> None:
+    assert load_site(DEMO_A).device == "cpu"
+    assert load_site(_write(tmp_path, lambda raw: raw.update(device="auto"))).device == "auto"
+    with pytest.raises(SiteConfigError, match=r"site\.yaml: device must be one of auto, cpu, cuda, got 'gpu'"):
+        load_site(_write(tmp_path, lambda raw: raw.update(device="gpu")))
