@@ -1,4 +1,4 @@
-"""Fine-tuning modes (full, attention, lora) and the tensors that travel: exactly the trainable ones."""
+"""Fine-tuning modes (full, attention, lora, conditioning) and the tensors that travel: exactly the trainable ones."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ class FinetuneMode(str, Enum):
     full = "full"  # every UNet and condition-encoder parameter
     attention = "attention"  # attention layers + condition encoder, as in DP-LDM (Lyu et al. 2023)
     lora = "lora"  # rank-r adapters on the attention projections + condition encoder (Hu et al. 2022)
+    # The condition encoder alone (~16k parameters for the shipped base): what each attribute
+    # (modality, pathology, field, timing, position) means to a frozen UNet. DP noise grows with
+    # the square root of the trainable dimension while the signal does not (docs/generator.md).
+    conditioning = "conditioning"
 
 
 def parse_mode(text: str) -> FinetuneMode:
@@ -71,7 +75,9 @@ def configure(denoiser: Denoiser, mode: FinetuneMode, lora_rank: int = 4) -> Den
     """Freeze everything but the mode's tensors (adding LoRA adapters for `lora`), in place."""
     denoiser.requires_grad_(False)
     denoiser.encoder.requires_grad_(True)
-    if mode is FinetuneMode.full:
+    if mode is FinetuneMode.conditioning:
+        pass  # the encoder only
+    elif mode is FinetuneMode.full:
         denoiser.unet.requires_grad_(True)
     elif mode is FinetuneMode.attention:
         for _, attention in _attention_modules(denoiser):

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-MODES = ("full", "attention", "lora")
+MODES = ("full", "attention", "lora", "conditioning")
 
 
 def machine() -> dict:
@@ -211,19 +211,31 @@ def upload_bytes(modes: tuple[str, ...]) -> dict:
 # ---- multiplicity ----------------------------------------------------------------------------
 
 MULTIPLICITIES = ((1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1))
+CLIPS = (1.0, 0.1, 0.03, 0.01, 0.003)
 
 
 def multiplicity_signal(
-    yaml_path: Path, subjects: int, repeats: int, settings: tuple[tuple[int, int], ...] = MULTIPLICITIES
+    yaml_path: Path,
+    subjects: int,
+    repeats: int,
+    settings: tuple[tuple[int, int], ...] = MULTIPLICITIES,
+    clips: tuple[float, ...] = CLIPS,
 ) -> dict:
-    """How much of each subject's clipping budget points along the expected gradient, per (K, M).
+    """How much of each subject's clipping budget points along the expected gradient, per (K, M, C).
 
     DP-SGD's step is (Σ_b clip_C(g_b) + N(0, σ²C²)) / B. Along the expected gradient's direction u
     its signal is Σ_b <clip_C(g_b), u> / B and its noise σC/B, so at a given σ (a given ε) the
     signal-to-noise ratio is proportional to `aligned` = mean_b <clip_C(g_b), u> / C. Averaging K
     slices and M draws inside g_b removes per-draw randomness before clipping, so `aligned` grows;
     the compute grows as K·M. u: the plain gradient over the same subjects with 8 slices x 4 draws
-    each, from other draws. The shipped base in attention mode, C = 1, a synthetic site.
+    each, from other draws. The shipped base in attention mode and in conditioning mode (its
+    encoder subset), a synthetic site. The noise spreads over all d trainable coordinates while
+    the signal lies along u, so the per-step signal-to-noise ratio is B·aligned/(σ√d).
+
+    C matters as much: while C is far above the subjects' gradient norms, clipping does nothing
+    and `aligned` is <g, u>/C, so the noise σC drowns the step; near the median norm, `aligned`
+    approaches the gradients' cosine with u. Both are chosen here on synthetic (public-like) data,
+    never on a hospital's.
     """
     import torch
     from opacus.grad_sample import GradSampleModule
@@ -239,9 +251,15 @@ def multiplicity_signal(
     configure(ldm.denoiser, FinetuneMode.attention, 4)
     _, slices, _ = site_data(str(yaml_path))
     denoiser = ldm.denoiser.train()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in denoiser.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # The conditioning mode's tensors are a subset of attention mode's (the encoder): one backward
+    # gives both, each restricted to its own coordinates and reference direction.
+    in_encoder = torch.cat([torch.full((p.numel(),), n.startswith("encoder.")) for n, p in named])
+    subspaces = {"attention": torch.ones_like(in_encoder), "conditioning": in_encoder}
     chosen = list(range(min(subjects, len(slices.subjects))))
-    out: dict = {"subjects": len(chosen), "repeats": repeats, "clip": 1.0, "mode": "attention"}
+    out: dict = {"subjects": len(chosen), "repeats": repeats, "site": str(yaml_path),
+                 "dimension": {mode: int(mask.sum()) for mode, mask in subspaces.items()}}  # fmt: skip
     rows = []
     for repeat in range(repeats):
         # Reference direction u: 8 slices x 4 draws per subject, plain autograd, its own seeds.
@@ -250,8 +268,7 @@ def multiplicity_signal(
         denoiser.zero_grad(set_to_none=True)
         generator = torch.Generator().manual_seed(10_000 + repeat)
         subject_loss(ldm, reference, generator)(denoiser, collate([data[i] for i in chosen])).backward()
-        u = torch.cat([p.grad.flatten() for p in params])
-        u = u / u.norm()
+        expected = torch.cat([p.grad.flatten() for p in params])
         denoiser.zero_grad(set_to_none=True)
         wrapped = GradSampleModule(denoiser, batch_first=True, loss_reduction="mean")
         for k, m in settings:
@@ -260,24 +277,36 @@ def multiplicity_signal(
             loss = subject_loss(ldm, TrainSettings(slices_per_subject=k, noise_draws=m), generator)
             loss(wrapped, collate([data[i] for i in chosen])).backward()
             group_by_subject(params, k * m)
-            per_subject = torch.cat([p.grad_sample.flatten(1) for p in params], 1)  # -> [b, d]
-            norms = per_subject.norm(dim=1)
-            clipped = per_subject / (norms / 1.0).clamp(min=1.0)[:, None]
-            rows.append({"k": k, "m": m, "aligned": float((clipped @ u).mean()), "norm": float(norms.median())})
+            every = torch.cat([p.grad_sample.flatten(1) for p in params], 1)  # -> [b, d]
+            for mode, mask in subspaces.items():
+                per_subject, u = every[:, mask], expected[mask] / expected[mask].norm()
+                norms = per_subject.norm(dim=1)
+                along = per_subject @ u  # -> [b]
+                for clip in clips:
+                    aligned = along / (norms / clip).clamp(min=1.0) / clip  # <clip_C(g_b), u> / C
+                    rows.append({"mode": mode, "k": k, "m": m, "clip": clip, "aligned": float(aligned.mean()),
+                                 "norm": float(norms.median())})  # fmt: skip
             for p in params:
                 p.grad_sample = None
                 p.grad = None
         wrapped.remove_hooks()
     table = []
-    for k, m in settings:
-        mine = [r for r in rows if r["k"] == k and r["m"] == m]
-        aligned = [r["aligned"] for r in mine]
-        table.append({"slices_per_subject": k, "noise_draws": m, "rows_per_subject": k * m,
-                      "aligned": round(statistics.mean(aligned), 4),
-                      "aligned_sd": round(statistics.stdev(aligned), 4) if len(aligned) > 1 else None,
-                      "median_subject_grad_norm": round(statistics.median(r["norm"] for r in mine), 4)})  # fmt: skip
-    base = table[0]["aligned"]
-    for row in table:
+    for mode in subspaces:
+        root_d = float(subspaces[mode].sum()) ** 0.5
+        for k, m in settings:
+            for clip in clips:
+                mine = [r for r in rows if (r["mode"], r["k"], r["m"], r["clip"]) == (mode, k, m, clip)]
+                aligned = [r["aligned"] for r in mine]
+                mean = statistics.mean(aligned)
+                table.append({"mode": mode, "slices_per_subject": k, "noise_draws": m, "rows_per_subject": k * m,
+                              "clip": clip, "aligned": round(mean, 4),
+                              "aligned_sd": round(statistics.stdev(aligned), 4) if len(aligned) > 1 else None,
+                              # per-step signal-to-noise along u at B = 16 subjects, σ = 1: B·aligned/(σ√d)
+                              "step_snr_b16_sigma1": round(16 * mean / root_d, 5),
+                              "median_subject_grad_norm": round(statistics.median(r["norm"] for r in mine), 4)})  # fmt: skip
+    for row in table:  # signal at equal σ, relative to one slice and one draw, same mode and C
+        base = next(r["aligned"] for r in table
+                    if (r["mode"], r["rows_per_subject"], r["clip"]) == (row["mode"], 1, row["clip"]))  # fmt: skip
         row["signal_over_k1_m1"] = round(row["aligned"] / base, 3) if base > 0 else None
     out["table"] = table
     return out
@@ -358,8 +387,8 @@ def _simulate_worker(sites: str, rounds: int, steps: int, batch: int, out: Path)
 
     run = RunConfig(
         num_server_rounds=rounds, local_steps=steps, batch_size=batch, run_dir=str(out), sites=sites,
-        min_train_nodes=len(sites.split(",")), round_timeout=3600.0,
-    )  # fmt: skip
+        min_train_nodes=len(sites.split(",")), round_timeout=3600.0, slices_per_subject=1, noise_draws=1,
+    )  # fmt: skip  # one row per subject: the federation stages measure overhead and scale, not multiplicity
     run_simulation(run, len(sites.split(",")))
 
 
@@ -402,7 +431,14 @@ def federation_overhead(work: Path, steps: int, batch: int, subjects: int = 12) 
         start = time.perf_counter()
         proposal = Proposal(server_round, 2, steps, batch, 1e-4)
         run_site_round(
-            str(yaml_path), 1, proposal, global_tensors, "shipped", FinetuneMode.attention, 4, TrainSettings()
+            str(yaml_path),
+            1,
+            proposal,
+            global_tensors,
+            "shipped",
+            FinetuneMode.attention,
+            4,
+            TrainSettings(slices_per_subject=1, noise_draws=1),  # as the simulated round (_simulate_worker)
         )
         return time.perf_counter() - start
 
@@ -486,10 +522,12 @@ class BenchSizes:
     scale_subjects: int = 12
     scale_steps: int = 2
     multiplicity_repeats: int = 5
+    signal_subjects: int = 12
+    signal_repeats: int = 3
 
     @classmethod
     def quick(cls) -> BenchSizes:
-        return cls(8, 3, ("attention",), 5, 2, 1000, (5,), 4, 1, 3)
+        return cls(8, 3, ("attention",), 5, 2, 1000, (5,), 4, 1, 3, 12, 2)
 
 
 def run_bench(
@@ -533,6 +571,10 @@ def run_bench(
         "rows": sizes.batch * k * m,
         "target_ratio": 1.3,
     }
+    (signal_site,) = bench_sites(work, 1, sizes.signal_subjects)
+    result["multiplicity_signal"] = stage(
+        "multiplicity_signal", lambda: multiplicity_signal(signal_site, sizes.signal_subjects, sizes.signal_repeats)
+    )
     result["upload_bytes_per_round"] = stage("upload_bytes_per_round", lambda: upload_bytes(MODES))
     result["federation_overhead"] = stage(
         "federation_overhead", lambda: federation_overhead(work, sizes.overhead_steps, 4, sizes.scale_subjects)

@@ -77,11 +77,14 @@ def test_modes_train_what_they_promise() -> None:
     full = trainable_tensors(_denoiser(FinetuneMode.full))
     attention = trainable_tensors(_denoiser(FinetuneMode.attention))
     lora = trainable_tensors(_denoiser(FinetuneMode.lora))
+    conditioning = trainable_tensors(_denoiser(FinetuneMode.conditioning))
     assert all(".attn1." in n or ".attn2." in n or n.startswith("encoder.") for n in attention)
     assert all("lora_" in n or n.startswith("encoder.") for n in lora)
     assert any(n.startswith("unet.conv_in") for n in full)
+    assert conditioning and all(n.startswith("encoder.") for n in conditioning)
+    assert {n for n in full if n.startswith("encoder.")} == set(conditioning)
     size = lambda tensors: sum(t.numel() for t in tensors.values())  # noqa: E731
-    assert size(lora) < size(attention) < size(full)
+    assert size(conditioning) < size(lora) < size(attention) < size(full)
 
 
 def test_trainable_tensors_round_trip_and_mismatch_is_refused() -> None:
