@@ -119,3 +119,22 @@ def test_evaluator_check_with_no_labelled_file_is_a_clear_error(tmp_path: Path) 
     assert result.exit_code == 2
     said = " ".join(result.output.split())  # rich wraps long lines
     assert "no labelled NIfTI file" in said and "skipped: scan_lesionmask.nii.gz (no modality" in said
+
+
+def test_release_vs_base_reports_the_mean_and_max_pixel_change(tmp_path: Path) -> None:
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from simulation.cli import _release_vs_base
+
+    base = np.zeros((4, 4, 2), dtype=np.float32)
+    release = base.copy()
+    release[0, 0, 1] = 0.5  # one pixel of 32 changed by 0.5
+    for name, volume in (("release", release), ("base", base)):
+        (tmp_path / name).mkdir()
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / name / "samples.nii.gz")
+    change = _release_vs_base(tmp_path / "release", tmp_path / "base", tmp_path / "change.json")
+    assert change["mean_abs_change"] == 0.5 / 32 and change["max_abs_change"] == 0.5
+    assert json.loads((tmp_path / "change.json").read_text()) == change
