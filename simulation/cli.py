@@ -221,7 +221,9 @@ app.add_typer(evaluator_app, name="evaluator")
 
 @evaluator_app.command("check")
 def evaluator_check(
-    real: Annotated[Path, typer.Option(help="Folder of real NIfTI files named <anything>_<modality>.nii.gz.")],
+    real: Annotated[
+        Path, typer.Option(help="Folder of real NIfTI files named like `sub01_FLAIR.nii.gz` (modality last).")
+    ],
     evaluator: Annotated[Path | None, typer.Option(help="Evaluator directory (default: the shipped one).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
