@@ -30,7 +30,7 @@ from common.randomize import randomize
 from common.release import sha256_file
 from common.weights import shipped_dir
 
-NAME = "fedmri-eval-v1"
+NAME = "fedmri-eval-v2"
 EVALUATOR_DIR = Path(__file__).parent / "weights" / NAME
 WEIGHTS = "evaluator.safetensors"
 FIELD_CLASSES = (0.3, 1.5, 3.0)  # tesla

@@ -165,7 +165,7 @@ def train_evaluator(
     classify modality, pathology and field strength (condition adherence). Validation subjects
     (each reference YAML's holdout_fraction, split by subject) are never trained on; their
     accuracy goes into provenance.json with the command, config, data summary and sha256.
-    The shipped evaluator (common/weights/fedmri-eval-v1) was made by this command.
+    The shipped evaluator (common/weights/fedmri-eval-v2) was made by this command.
     """
     import time
 

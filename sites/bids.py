@@ -21,7 +21,12 @@ from scipy import ndimage
 from common.conditions import Modality, Pathology
 from sites.config import SiteConfig
 
-READER_VERSION = 1
+READER_VERSION = 2  # 2: per-slice lesion labels from lesion masks
+# Focal pathologies: a slice of such a subject is labelled with it only where the subject's
+# lesion mask (if the site has one) reaches the slice; elsewhere the slice is labelled healthy.
+FOCAL = (Pathology.glioma, Pathology.ms)
+LESION_MASK = "_desc-lesion_mask.nii"  # derivatives/<pipeline>/sub-X/anat/sub-X[_...]_desc-lesion_mask.nii[.gz]
+MIN_LESION_VOXELS = 5  # mask voxels inside a slice's slab for the slice to count as showing the lesion
 # BIDS suffix -> modality; a T1w carrying a `ce-<agent>` entity is T1ce.
 SUFFIXES = {"T1w": Modality.T1w, "T2w": Modality.T2w, "FLAIR": Modality.FLAIR, "PDw": Modality.PDw}
 REQUIRED_SIDECAR = ("MagneticFieldStrength", "RepetitionTime", "EchoTime")
@@ -168,7 +173,13 @@ def _index_scan(path: Path, subjects: dict[str, Subject], problems: _Problems) -
 
 
 def load_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A scan reoriented to canonical RAS, as float32, and its voxel size (mm).
+    """A scan reoriented to canonical RAS, as float32, and its voxel size (mm)."""
+    data, zooms, _ = load_volume_affine(path)
+    return data, zooms
+
+
+def load_volume_affine(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """load_volume, plus the canonical (RAS) voxel-to-world affine [4, 4] in mm.
 
     Raises SiteDataError for corrupt or truncated files, non-3D volumes, NaN/Inf voxels and
     empty volumes.
@@ -186,7 +197,47 @@ def load_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     if bad.any():
         raise SiteDataError(f"{path}: {int(bad.sum())} NaN or Inf voxels")
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return data, zooms  # type: ignore[return-value]
+    return data, zooms, image.affine  # type: ignore[return-value]
+
+
+def brain_slab(data: np.ndarray) -> tuple[int, int]:
+    """First and last axial index whose foreground covers at least half of the largest slice's."""
+    foreground = data > 0.1 * np.percentile(data, 99)
+    area = foreground.sum((0, 1))
+    keep = np.nonzero(area >= 0.5 * area.max())[0]
+    return int(keep.min()), int(keep.max())
+
+
+def lesion_mask_path(root: Path, subject: str) -> Path | None:
+    """The subject's lesion mask under derivatives/, or None; two different ones are an error."""
+    found = sorted(root.glob(f"derivatives/*/{subject}/anat/{subject}*{LESION_MASK}*"))
+    if len(found) > 1:
+        raise SiteDataError(f"{root}: {subject} has {len(found)} lesion masks ({', '.join(p.name for p in found)})")
+    return found[0] if found else None
+
+
+def lesion_in_slices(
+    mask_path: Path, affine: np.ndarray, shape: tuple[int, ...], rows: np.ndarray, thickness: float
+) -> np.ndarray:
+    """For each axial slice index in `rows` of a canonical volume with `affine`, `shape` and slice
+    `thickness` (mm): does the lesion mask reach its slab with at least MIN_LESION_VOXELS voxels?
+
+    The mask may lie on another grid: slices are matched by their world z (mm), each mask
+    slice counting towards every scan slab it overlaps. -> [len(rows)] bool
+    """
+    mask, mask_zooms, mask_affine = load_volume_affine(mask_path)
+    counts = (mask > 0).sum((0, 1))  # -> [mask slices]
+    mask_z = _world_z(mask_affine, mask.shape, np.arange(mask.shape[2]))  # -> [mask slices]
+    scan_z = _world_z(affine, shape, rows)  # -> [len(rows)]
+    reach = (thickness + mask_zooms[2]) / 2  # slabs overlap when their centres are closer than this
+    overlap = np.abs(scan_z[:, None] - mask_z[None, :]) < reach  # -> [rows, mask slices]
+    return (overlap * counts[None, :]).sum(1) >= MIN_LESION_VOXELS
+
+
+def _world_z(affine: np.ndarray, shape: tuple[int, ...] | None, rows: np.ndarray) -> np.ndarray:
+    """World z (mm, superior) of axial slices `rows`, at the in-plane centre when `shape` is given."""
+    ci, cj = ((shape[0] - 1) / 2, (shape[1] - 1) / 2) if shape else (0.0, 0.0)
+    return affine[2, 0] * ci + affine[2, 1] * cj + affine[2, 2] * rows + affine[2, 3]
 
 
 def axial_slices(
@@ -201,9 +252,7 @@ def axial_slices(
     99.5th percentile of the foreground and clipped to [0, 1].
     """
     foreground = data > 0.1 * np.percentile(data, 99)
-    area = foreground.sum((0, 1))
-    keep = np.nonzero(area >= 0.5 * area.max())[0]
-    z_lo, z_hi = int(keep.min()), int(keep.max())
+    z_lo, z_hi = brain_slab(data)
     centre = ndimage.center_of_mass(foreground)
 
     pixel = fov_mm / image_size
@@ -243,7 +292,10 @@ class SiteSlices:
         return len(self.images)
 
     def summary(self) -> dict:
-        """Counts a person checks first: subjects, scans, slices, and what was skipped."""
+        """Counts a person checks first: subjects, scans, slices, and what was skipped.
+
+        `pathologies` counts the subjects with at least one slice so labelled: a glioma patient
+        whose mask leaves some slices lesion-free counts under healthy too."""
         return {
             "subjects": len(self.subjects),
             "scans": len(np.unique(self.scan)),
@@ -325,7 +377,7 @@ def read_site(
     columns: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
     for n, scan in enumerate(index.scans):
         try:
-            data, zooms = load_volume(scan.path)
+            data, zooms, affine = load_volume_affine(scan.path)
         except SiteDataError as err:
             problems.report(scan.path, str(err).split(": ", 1)[1])
             continue
@@ -337,11 +389,11 @@ def read_site(
         subject = index.subjects[scan.subject]
         columns["images"].append(images)
         columns["slice_position"].append(positions)
+        columns["pathology"].append(_slice_pathology(index.root, scan.subject, subject.pathology, data, zooms, affine))
         for name, value in (
             ("subject", subjects.index(scan.subject)),
             ("scan", n),
             ("modality", scan.modality.ordinal),
-            ("pathology", subject.pathology.ordinal),
             ("field_strength", scan.field_strength),
             ("repetition_time", scan.repetition_time),
             ("echo_time", scan.echo_time),
@@ -359,6 +411,20 @@ def read_site(
     return result
 
 
+def _slice_pathology(
+    root: Path, subject: str, pathology: Pathology, data: np.ndarray, zooms: tuple[float, ...], affine: np.ndarray
+) -> np.ndarray:
+    """Per kept slice: the subject's pathology, except that a focal one (glioma, MS) holds only
+    where the subject's lesion mask reaches the slice; without a mask, the subject's label."""
+    z_lo, z_hi = brain_slab(data)
+    labels = np.full(z_hi - z_lo + 1, pathology.ordinal)
+    mask = lesion_mask_path(root, subject) if pathology in FOCAL else None
+    if mask is not None:
+        shows = lesion_in_slices(mask, affine, data.shape, np.arange(z_lo, z_hi + 1), zooms[2])
+        labels = np.where(shows, pathology.ordinal, Pathology.healthy.ordinal)
+    return labels
+
+
 def read_site_data(site: SiteConfig, progress: Callable[[int, int], None] | None = None) -> SiteSlices:
     """read_site with the settings of a site's `data:` section."""
     d = site.data
@@ -368,7 +434,11 @@ def read_site_data(site: SiteConfig, progress: Callable[[int, int], None] | None
 def _cache_key(index: SiteIndex, image_size: int, fov_mm: float) -> str:
     """Changes whenever any file of the site changes (path, size, mtime) or preprocessing does."""
     digest = hashlib.sha256(f"v{READER_VERSION}:{image_size}:{fov_mm}:{len(index.skipped)}".encode())
-    for path in sorted(p for p in index.root.rglob("*") if p.is_file() and "derivatives" not in p.parts):
+
+    def read(path: Path) -> bool:  # the scans and sidecars, and the lesion masks that set slice labels
+        return "derivatives" not in path.parts or LESION_MASK in path.name
+
+    for path in sorted(p for p in index.root.rglob("*") if p.is_file() and read(p)):
         stat = path.stat()
         digest.update(f"{path.relative_to(index.root)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return digest.hexdigest()[:20]

@@ -48,6 +48,34 @@ def test_reads_slices_with_conditions(tiny_sites: Path) -> None:
     assert slices.summary()["subjects"] == 4
 
 
+def test_a_focal_pathology_labels_only_the_slices_its_lesion_mask_reaches(tiny_sites: Path, tmp_path: Path) -> None:
+    """tiny-a's glioma subjects: a slice is labelled glioma exactly where the subject's mask has at
+    least MIN_LESION_VOXELS voxels in that slice (the phantom's mask shares the scan's grid)."""
+    from sites.bids import MIN_LESION_VOXELS, brain_slab, lesion_mask_path
+
+    root = tiny_sites / "tiny-a"
+    slices = read_site(root, image_size=32)
+    glioma_subjects = [i for i, s in enumerate(slices.subjects)
+                       if (slices.pathology[slices.subject == i] == Pathology.glioma.ordinal).any()]  # fmt: skip
+    assert glioma_subjects, "tiny-a should hold a glioma subject with a visible tumour"
+    for i in glioma_subjects:
+        subject = slices.subjects[i]
+        scan = next(root.glob(f"{subject}/anat/{subject}_T2w.nii.gz"))
+        data = np.asarray(nib.as_closest_canonical(nib.load(scan)).dataobj, dtype=np.float32)
+        lo, hi = brain_slab(data)
+        mask = np.asarray(nib.as_closest_canonical(nib.load(lesion_mask_path(root, subject))).dataobj) > 0
+        expected = mask.sum((0, 1))[lo : hi + 1] >= MIN_LESION_VOXELS
+        rows = (slices.subject == i) & (slices.modality == Modality.T2w.ordinal)
+        labels = slices.pathology[rows]
+        assert np.array_equal(labels == Pathology.glioma.ordinal, expected)
+        assert set(labels.tolist()) == {Pathology.healthy.ordinal, Pathology.glioma.ordinal}
+    # Without masks (a site that has none) every slice keeps the subject's label.
+    bare = Path(shutil.copytree(root, tmp_path / "tiny-a", ignore=shutil.ignore_patterns("derivatives")))
+    unmasked = read_site(bare, image_size=32)
+    for i in glioma_subjects:
+        assert np.all(unmasked.pathology[unmasked.subject == i] == Pathology.glioma.ordinal)
+
+
 def test_reorientation_makes_lps_and_ras_sites_agree(tiny_sites: Path, tmp_path: Path) -> None:
     # tiny-a is stored LPS. Re-saving a scan as RAS must give the same slices.
     slices_lps = read_site(tiny_sites / "tiny-a", image_size=32)
