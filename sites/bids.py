@@ -200,9 +200,13 @@ def load_volume_affine(path: Path) -> tuple[np.ndarray, tuple[float, float, floa
     return data, zooms, image.affine  # type: ignore[return-value]
 
 
-def brain_slab(data: np.ndarray) -> tuple[int, int]:
+def foreground_of(data: np.ndarray) -> np.ndarray:
+    """Voxels above 10 % of the volume's 99th percentile. -> bool, like `data`"""
+    return data > 0.1 * np.percentile(data, 99)
+
+
+def brain_slab(foreground: np.ndarray) -> tuple[int, int]:
     """First and last axial index whose foreground covers at least half of the largest slice's."""
-    foreground = data > 0.1 * np.percentile(data, 99)
     area = foreground.sum((0, 1))
     keep = np.nonzero(area >= 0.5 * area.max())[0]
     return int(keep.min()), int(keep.max())
@@ -251,8 +255,8 @@ def axial_slices(
     columns from the patient's left to right: neurological convention), divided by the
     99.5th percentile of the foreground and clipped to [0, 1].
     """
-    foreground = data > 0.1 * np.percentile(data, 99)
-    z_lo, z_hi = brain_slab(data)
+    foreground = foreground_of(data)
+    z_lo, z_hi = brain_slab(foreground)
     centre = ndimage.center_of_mass(foreground)
 
     pixel = fov_mm / image_size
@@ -416,7 +420,7 @@ def _slice_pathology(
 ) -> np.ndarray:
     """Per kept slice: the subject's pathology, except that a focal one (glioma, MS) holds only
     where the subject's lesion mask reaches the slice; without a mask, the subject's label."""
-    z_lo, z_hi = brain_slab(data)
+    z_lo, z_hi = brain_slab(foreground_of(data))
     labels = np.full(z_hi - z_lo + 1, pathology.ordinal)
     mask = lesion_mask_path(root, subject) if pathology in FOCAL else None
     if mask is not None:

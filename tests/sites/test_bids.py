@@ -51,7 +51,7 @@ def test_reads_slices_with_conditions(tiny_sites: Path) -> None:
 def test_a_focal_pathology_labels_only_the_slices_its_lesion_mask_reaches(tiny_sites: Path, tmp_path: Path) -> None:
     """tiny-a's glioma subjects: a slice is labelled glioma exactly where the subject's mask has at
     least MIN_LESION_VOXELS voxels in that slice (the phantom's mask shares the scan's grid)."""
-    from sites.bids import MIN_LESION_VOXELS, brain_slab, lesion_mask_path
+    from sites.bids import MIN_LESION_VOXELS, brain_slab, foreground_of, lesion_mask_path
 
     root = tiny_sites / "tiny-a"
     slices = read_site(root, image_size=32)
@@ -62,7 +62,7 @@ def test_a_focal_pathology_labels_only_the_slices_its_lesion_mask_reaches(tiny_s
         subject = slices.subjects[i]
         scan = next(root.glob(f"{subject}/anat/{subject}_T2w.nii.gz"))
         data = np.asarray(nib.as_closest_canonical(nib.load(scan)).dataobj, dtype=np.float32)
-        lo, hi = brain_slab(data)
+        lo, hi = brain_slab(foreground_of(data))
         mask = np.asarray(nib.as_closest_canonical(nib.load(lesion_mask_path(root, subject))).dataobj) > 0
         expected = mask.sum((0, 1))[lo : hi + 1] >= MIN_LESION_VOXELS
         rows = (slices.subject == i) & (slices.modality == Modality.T2w.ordinal)
