@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.evaluate import run_site_evaluation
-from client.policy import Proposal
 from client.round import run_site_round
-from client.trainer import TrainSettings
 from client.trusted_code import GUARDED_NODE
-from common.evaluator import EvalSettings
-from common.finetune import parse_mode
+from common.protocol import EvalReply, EvalRequest, RoundProposal
 from common.run_config import RunConfig
 
 app = ClientApp()
@@ -47,57 +43,21 @@ def device_override(run: RunConfig) -> str:
     return run.device
 
 
-def proposal_from(config: ConfigRecord) -> Proposal:
-    """The server's proposal, read from the round's ConfigRecord."""
-    optional = {k: float(config[k]) for k in ("noise-multiplier", "max-grad-norm") if k in config}
-    return Proposal(
-        server_round=int(config["server-round"]),
-        num_rounds=int(config["num-rounds"]),
-        local_steps=int(config["local-steps"]),
-        batch_size=int(config["batch-size"]),
-        learning_rate=float(config["learning-rate"]),
-        noise_multiplier=optional.get("noise-multiplier"),
-        max_grad_norm=optional.get("max-grad-norm"),
-    )
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     run = RunConfig.from_flower(dict(context.run_config))
-    config = msg.content["config"]
-    reply = run_site_round(
+    result = run_site_round(
         yaml_path=site_yaml(context, run),
         run_id=context.run_id,
-        proposal=proposal_from(config),
+        proposal=RoundProposal.from_record(msg.content["config"]),
         global_tensors=msg.content["arrays"].to_torch_state_dict(),
-        base_model=str(config["base-model"]),
-        mode=parse_mode(str(config["finetune-mode"])),
-        lora_rank=int(config["lora-rank"]),
-        settings=TrainSettings(
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            slices_per_subject=int(config["slices-per-subject"]),
-            noise_draws=int(config["noise-draws"]),
-        ),
-        ledger_heads=json.loads(str(config.get("ledger-heads", "{}"))),
         device=device_override(run),
         # Sampling and noise come from fresh 256-bit os.urandom keys drawn in the trainer, never shared.
     )
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(reply.metrics),
-            "reply": ConfigRecord(
-                {
-                    "site-id": reply.site_id,
-                    "status": reply.status,
-                    "notes": reply.notes or [""],
-                    "accountant": reply.accountant,
-                    "entries": json.dumps(reply.entries),
-                }
-            ),
-        }
-    )
-    if reply.tensors is not None:
-        content["arrays"] = ArrayRecord(reply.tensors)
+    reply, metrics = result.reply.to_record()
+    content = RecordDict({"metrics": MetricRecord(metrics), "reply": ConfigRecord(reply)})
+    if result.tensors is not None:
+        content["arrays"] = ArrayRecord(result.tensors)
     return Message(content=content, reply_to=msg)
 
 
@@ -105,16 +65,15 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the sent release on this site's held-out subjects; only aggregates go back."""
     run = RunConfig.from_flower(dict(context.run_config))
-    config = msg.content["config"]
-    settings = EvalSettings.from_config(config)
+    request = EvalRequest.from_record(msg.content["config"])
     site_id, metrics, _ = run_site_evaluation(
         site_yaml(context, run),
-        json.loads(str(config["model-configs"])),
+        request,
         msg.content["vae"].to_torch_state_dict(),
         msg.content["denoiser"].to_torch_state_dict(),
-        settings,
         run_id=context.run_id,
         device=device_override(run),
     )
-    content = RecordDict({"metrics": MetricRecord(metrics), "reply": ConfigRecord({"site-id": site_id})})
+    reply, values = EvalReply(site_id, metrics).to_record()
+    content = RecordDict({"metrics": MetricRecord(values), "reply": ConfigRecord(reply)})
     return Message(content=content, reply_to=msg)

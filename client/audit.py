@@ -11,8 +11,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.protocol import SPENDING
 from common.release import MANIFEST
-from common.signed_entries import SPENDING, spent_segments
+from common.signed_entries import spent_segments
 
 
 @dataclass

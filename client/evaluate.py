@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common.conditions import CONDITION_VECTOR, Modality, Pathology
-from common.evaluator import HEADS, EvalSettings, Evaluator, field_class
+from common.evaluator import HEADS, Evaluator, field_class
 from common.metrics import (
     adherence,
     downstream_utility,
@@ -35,6 +35,7 @@ from common.metrics import (
     save_closest_pairs,
 )
 from common.model import LDM
+from common.protocol import EvalRequest, Status
 from common.sampling import sample
 from sites.bids import SiteSlices
 
@@ -64,7 +65,7 @@ def evaluate_site(
     evaluator: Evaluator,
     training: SiteSlices,
     heldout: SiteSlices,
-    settings: EvalSettings,
+    settings: EvalRequest,
     private_dir: Path,
 ) -> dict[str, float]:
     """Every figure as a flat {"<modality>/<pathology>/<key>": value, "utility_*": value} mapping."""
@@ -122,7 +123,7 @@ def evaluate_site(
 
 
 def _utility(
-    training: SiteSlices, heldout: SiteSlices, generated: dict[int, list[np.ndarray]], settings: EvalSettings
+    training: SiteSlices, heldout: SiteSlices, generated: dict[int, list[np.ndarray]], settings: EvalRequest
 ) -> dict[str, float]:
     """Few-shot contrast classification (held-out accuracy), k real per modality, ± the generated slices."""
     modalities = sorted(generated)
@@ -169,14 +170,13 @@ def check_keys(metrics: dict[str, float]) -> None:
 
 def run_site_evaluation(
     yaml_path: str,
-    configs: dict[str, str],
+    settings: EvalRequest,
     vae: dict[str, torch.Tensor],
     denoiser: dict[str, torch.Tensor],
-    settings: EvalSettings,
     run_id: int = 0,
     device: str = "",
 ) -> tuple[str, dict[str, float], Path]:
-    """Rebuild the sent release, evaluate it, and return (site id, aggregates, folder of the private PNGs).
+    """Rebuild the sent release (`settings.model_configs` and the tensors), evaluate it, and return (site id, aggregates, folder of the private PNGs).
 
     The site's policy decides whether it answers at all and the minimum held-out cohort behind any
     figure (the server's `min_subjects` can only raise it). The answer is recorded in the site's
@@ -199,7 +199,9 @@ def run_site_evaluation(
             f"site {site.site_id}: {cohort} held-out subjects < the minimum cohort {settings.min_subjects} "
             "(privacy.min_eval_subjects); nothing is evaluated"
         )
-    ldm = ldm_from_parts(configs, vae, denoiser).to(site_device(site, yaml_path, device))  # the evaluator: CPU
+    ldm = ldm_from_parts(dict(settings.model_configs), vae, denoiser).to(
+        site_device(site, yaml_path, device)
+    )  # the evaluator: CPU
     private_dir = Path(yaml_path).resolve().parent / ".fedmri-eval" / site.site_id
     metrics = evaluate_site(ldm, load_evaluator(), training, heldout, settings, private_dir)
     metrics.update(held_flags(training))
@@ -211,6 +213,8 @@ def run_site_evaluation(
             f"evaluation answered, NOT covered by DP: {len(metrics)} aggregates over {cohort} held-out subjects "
             f"(at least {settings.min_subjects} per figure) and the training slices' FD floor and memorization audit"
         )
-        entry = LedgerEntry(run_id, 0, "evaluated", None, ledger.epsilon, ledger.epsilon_rdp, [note], now(), cohort)
+        entry = LedgerEntry(
+            run_id, 0, Status.EVALUATED, None, ledger.epsilon, ledger.epsilon_rdp, [note], now(), cohort
+        )
         ledger.append(dataclasses.replace(entry, global_digest=tensor_digest(denoiser)))  # what was evaluated
     return site.site_id, metrics, private_dir

@@ -22,9 +22,11 @@ from filelock import FileLock, Timeout
 from client.identity import Marker, check_continues, load_or_create_key, write_marker
 from common.atomic import atomic_write
 from common.privacy import Segment
-from common.signed_entries import BODY_KEYS, SPENDING, chain_problems, sign
+from common.protocol import SPENDING, Status, parse
+from common.signed_entries import BODY_KEYS, chain_problems, sign
 
-STATUSES = (*SPENDING, "declined", "refused", "evaluated")
+# What a ledger entry may record (rejected and error are the server's words, never a site's).
+STATUSES = (Status.RESERVED, Status.TRAINED, Status.DECLINED, Status.REFUSED, Status.EVALUATED)
 FORMAT_VERSION = 2  # 2: every entry signed and hash-chained
 
 
@@ -41,7 +43,7 @@ class LedgerEntry:
 
     run_id: int
     server_round: int
-    status: str  # one of STATUSES
+    status: Status  # one of STATUSES
     segment: Segment | None
     epsilon: float  # cumulative, by the site's accountant, after this entry
     epsilon_rdp: float  # cumulative, by RDP
@@ -58,8 +60,9 @@ class LedgerEntry:
     signature: str = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "status", parse(Status, self.status, "ledger entry status"))
         if self.status not in STATUSES:
-            raise ValueError(f"ledger entry status must be one of {STATUSES}, got {self.status!r}")
+            raise ValueError(f"ledger entry status must be one of {', '.join(STATUSES)}, got {self.status!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "segment": asdict(self.segment) if self.segment else None}
@@ -181,10 +184,10 @@ class Ledger:
         self.save()
         return self.entries[-1]
 
-    def settle(self, update_digest: str, status: str = "trained") -> LedgerEntry:
+    def settle(self, update_digest: str, status: Status = Status.TRAINED) -> LedgerEntry:
         """Re-sign the last entry, a reservation, as `status` with the update's digest; same spend, same place."""
         last = self.entries[-1] if self.entries else None
-        if last is None or last.status != "reserved":
+        if last is None or last.status != Status.RESERVED:
             raise ValueError(f"{self.path}: no reservation to settle (last entry: {last})")
         settled = self._signed(replace(last, status=status, update_digest=update_digest, time=now()), last.prev)
         # The marker first names both versions of the entry, then (in save) only the new one.

@@ -7,20 +7,8 @@ from dataclasses import dataclass, field
 
 from client.ledger import Ledger
 from common.privacy import Segment, calibrate_noise, epsilon
+from common.protocol import RoundProposal, Status
 from sites.config import PrivacyPolicy
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """What the server asks for this round (from its ConfigRecord)."""
-
-    server_round: int
-    num_rounds: int
-    local_steps: int
-    batch_size: int  # expected subjects per step
-    learning_rate: float
-    noise_multiplier: float | None = None  # honoured only if the policy accepts overrides
-    max_grad_norm: float | None = None  # likewise
 
 
 @dataclass(frozen=True)
@@ -37,13 +25,13 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class Decision:
-    status: str  # "train", "declined" (budget spent) or "refused" (proposal breaks the policy)
+    status: Status  # RESERVED (train: the spend is reserved first), DECLINED (budget spent) or REFUSED
     plan: RoundPlan | None
     notes: list[str] = field(default_factory=list)
     projected_epsilon: float = 0.0  # cumulative ε after this round, if trained
 
 
-def decide(policy: PrivacyPolicy, ledger: Ledger, proposal: Proposal, run_id: int) -> Decision:
+def decide(policy: PrivacyPolicy, ledger: Ledger, proposal: RoundProposal, run_id: int) -> Decision:
     """Clamp the proposal to the policy and calibrate σ so the run's remaining rounds fit the budget.
 
     σ is the smallest value ≥ policy.min_noise_multiplier with which this and every remaining
@@ -53,13 +41,13 @@ def decide(policy: PrivacyPolicy, ledger: Ledger, proposal: Proposal, run_id: in
     n = ledger.num_subjects
     steps = proposal.local_steps
     if steps < 1:
-        return Decision("refused", None, [f"local-steps {steps} < 1"])
+        return Decision(Status.REFUSED, None, [f"local-steps {steps} < 1"])
     if steps > policy.max_local_steps:
         notes.append(f"local-steps clamped from {steps} to the policy's {policy.max_local_steps}")
         steps = policy.max_local_steps
     batch = proposal.batch_size
     if batch < 1:
-        return Decision("refused", None, [f"batch-size {batch} < 1"])
+        return Decision(Status.REFUSED, None, [f"batch-size {batch} < 1"])
     if batch < policy.min_expected_batch_size:
         notes.append(f"batch-size raised from {batch} to the policy's minimum {policy.min_expected_batch_size}")
         batch = policy.min_expected_batch_size
@@ -71,9 +59,9 @@ def decide(policy: PrivacyPolicy, ledger: Ledger, proposal: Proposal, run_id: in
     clip = policy.max_grad_norm
     for name, value in (("max-grad-norm", proposal.max_grad_norm), ("noise-multiplier", proposal.noise_multiplier)):
         if value is not None and not (math.isfinite(value) and value >= 0):
-            return Decision("refused", None, [f"{name} {value} is not a finite number >= 0"])
+            return Decision(Status.REFUSED, None, [f"{name} {value} is not a finite number >= 0"])
     if proposal.max_grad_norm == 0.0:
-        return Decision("refused", None, ["max-grad-norm 0 would clip every subject to nothing: refused"])
+        return Decision(Status.REFUSED, None, ["max-grad-norm 0 would clip every subject to nothing: refused"])
     if proposal.max_grad_norm is not None and proposal.max_grad_norm != clip:
         if policy.accept_server_overrides and proposal.max_grad_norm < clip:
             clip = proposal.max_grad_norm
@@ -84,7 +72,9 @@ def decide(policy: PrivacyPolicy, ledger: Ledger, proposal: Proposal, run_id: in
     if proposal.noise_multiplier is not None:
         if proposal.noise_multiplier == 0.0 and policy.allow_non_private:
             notes.append("non-private training (σ = 0) allowed by the site's policy: ε = ∞")
-            return Decision("train", RoundPlan(steps, q, batch, proposal.learning_rate, 0.0, clip), notes, math.inf)
+            return Decision(
+                Status.RESERVED, RoundPlan(steps, q, batch, proposal.learning_rate, 0.0, clip), notes, math.inf
+            )
         if policy.accept_server_overrides and proposal.noise_multiplier > floor:
             floor = proposal.noise_multiplier
             notes.append(f"server override: σ raised to at least {floor}")
@@ -105,8 +95,8 @@ def decide(policy: PrivacyPolicy, ledger: Ledger, proposal: Proposal, run_id: in
     )
     if sigma is None:
         spent = ledger.epsilon
-        return Decision("declined", None, [*notes, f"privacy budget spent: ε = {spent:.3f} of {budget:g}"])
+        return Decision(Status.DECLINED, None, [*notes, f"privacy budget spent: ε = {spent:.3f} of {budget:g}"])
     projected = epsilon([*history, Segment(q, sigma, steps)], ledger.delta, policy.accountant)
     if projected > budget:  # pragma: no cover - calibrate_noise guarantees this; kept as a hard stop
-        return Decision("declined", None, [*notes, f"round would reach ε = {projected:.3f} > {budget:g}"])
-    return Decision("train", RoundPlan(steps, q, batch, proposal.learning_rate, sigma, clip), notes, projected)
+        return Decision(Status.DECLINED, None, [*notes, f"round would reach ε = {projected:.3f} > {budget:g}"])
+    return Decision(Status.RESERVED, RoundPlan(steps, q, batch, proposal.learning_rate, sigma, clip), notes, projected)

@@ -4,50 +4,32 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from client.ledger import Ledger, LedgerBusy, LedgerEntry, now
-from client.policy import Proposal, decide
+from client.policy import decide
 from client.trainer import RoundRandomness, TrainSettings, train_round
 from common.device import resolve_device
 from common.finetune import FinetuneMode, configure, load_trainable, trainable_tensors
 from common.model import LDM, load_ldm
 from common.privacy import Segment, default_delta, epsilon
+from common.protocol import Accountant, RoundProposal, SiteReply, Status
 from common.signed_entries import tensor_digest
 from common.weights import base_model_dir
 from sites.bids import SiteSlices, read_site_data, split_subjects
 from sites.config import SiteConfig, load_site
 
-# The only metric keys a site ever sends: scalars about the round, nothing per subject.
-# The privacy parameters (q, σ, C, δ) and N are public terms of the site's account: the release
-# lists them. The training loss is not among them: it is a raw statistic of the sampled subjects.
-METRIC_KEYS = (
-    "steps", "num-subjects", "epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "max-grad-norm",
-    "delta", "trained",
-)  # fmt: skip
-
 
 @dataclass(frozen=True)
-class SiteReply:
-    """What leaves the site: trainable tensors (only when trained), whitelisted scalars, a status."""
+class RoundResult:
+    """What leaves the site: the reply (whitelisted scalars, status, signed entries) and the
+    trainable tensors, only when it trained."""
 
-    site_id: str
-    status: str
+    reply: SiteReply
     tensors: dict[str, torch.Tensor] | None
-    metrics: dict[str, float]
-    notes: list[str] = field(default_factory=list)
-    accountant: str = "prv"  # the site's accountant for `epsilon`
-    # The site's signed ledger entries after the server's last known one (`ledger_head`): the
-    # release carries them, and `fedmri verify --keys` checks them. Public terms only.
-    entries: list[dict] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        unexpected = set(self.metrics) - set(METRIC_KEYS)
-        if unexpected:
-            raise ValueError(f"metrics {sorted(unexpected)} are not on the whitelist {METRIC_KEYS}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -103,57 +85,51 @@ def load_model(
 def run_site_round(
     yaml_path: str,
     run_id: int,
-    proposal: Proposal,
+    proposal: RoundProposal,
     global_tensors: dict[str, torch.Tensor],
-    base_model: str,
-    mode: FinetuneMode,
-    lora_rank: int,
-    settings: TrainSettings,
     randomness: RoundRandomness | None = None,
-    ledger_heads: dict[str, str] | None = None,
     device: str = "",
-) -> SiteReply:
+) -> RoundResult:
     """Decide, reserve, train and record under the ledger's lock; only then return what may leave the site.
 
     A second round at this site waits up to privacy.round_wait_s for the lock, then declines.
-    `ledger_heads` maps a site to the hash of its last ledger entry that the server holds: the
-    reply carries every signed entry after it (only this round's if the server holds none, or
+    `proposal.ledger_heads` maps a site to the hash of its last ledger entry that the server holds:
+    the reply carries every signed entry after it (only this round's if the server holds none, or
     names an entry this ledger does not have). `device` (simulation's run config) overrides the
     YAML's `device:` when not empty.
     """
     site, slices, _ = site_data(yaml_path)  # held-out subjects never reach the trainer
     n = len(slices.subjects)
     path, _ = ledger_terms(site, n)
+    accountant = Accountant(site.privacy.accountant)
     try:
         with Ledger.locked(path, site.privacy.round_wait_s):
-            reply, ledger = _round_under_lock(site, slices, run_id, proposal, global_tensors, base_model, mode,
-                                              lora_rank, settings, randomness or RoundRandomness(),
-                                              site_device(site, yaml_path, device))  # fmt: skip
-            head = (ledger_heads or {}).get(site.site_id, "")
-            return replace(reply, entries=ledger.since(head, otherwise=len(ledger.entries) - 1))
+            result, ledger = _round_under_lock(site, slices, run_id, proposal, global_tensors,
+                                               randomness or RoundRandomness(), site_device(site, yaml_path, device))  # fmt: skip
+            head = proposal.ledger_heads.get(site.site_id, "")
+            entries = tuple(ledger.since(head, otherwise=len(ledger.entries) - 1))
+            return replace(result, reply=replace(result.reply, entries=entries))
     except LedgerBusy as busy:
         metrics = {"num-subjects": float(n), "trained": 0.0}
-        return SiteReply(site.site_id, "declined", None, metrics, [str(busy)], site.privacy.accountant)
+        return RoundResult(SiteReply(site.site_id, Status.DECLINED, metrics, (str(busy),), accountant), None)
 
 
 def _round_under_lock(
     site: SiteConfig,
     slices: SiteSlices,
     run_id: int,
-    proposal: Proposal,
+    proposal: RoundProposal,
     global_tensors: dict[str, torch.Tensor],
-    base_model: str,
-    mode: FinetuneMode,
-    lora_rank: int,
-    settings: TrainSettings,
     randomness: RoundRandomness,
     device: torch.device,
-) -> tuple[SiteReply, Ledger]:
+) -> tuple[RoundResult, Ledger]:
     n = len(slices.subjects)
     ledger = open_ledger(site, n)
+    accountant = Accountant(site.privacy.accountant)
     received = tensor_digest(global_tensors)
     decision = decide(site.privacy, ledger, proposal, run_id)
-    if decision.status != "train" or decision.plan is None:
+    notes = tuple(decision.notes)
+    if decision.status != Status.RESERVED or decision.plan is None:
         ledger.append(LedgerEntry(run_id, proposal.server_round, decision.status, None, ledger.epsilon,
                                   ledger.epsilon_rdp, decision.notes, now(), n, received))  # fmt: skip
         metrics = {
@@ -163,7 +139,7 @@ def _round_under_lock(
             "delta": ledger.delta,
             "trained": 0.0,
         }
-        return SiteReply(site.site_id, decision.status, None, metrics, decision.notes, site.privacy.accountant), ledger
+        return RoundResult(SiteReply(site.site_id, decision.status, metrics, notes, accountant), None), ledger
 
     plan = decision.plan
     segment = Segment(plan.sample_rate, plan.noise_multiplier, plan.local_steps)
@@ -171,9 +147,14 @@ def _round_under_lock(
     eps = epsilon(history, ledger.delta, site.privacy.accountant)
     eps_rdp = eps if site.privacy.accountant == "rdp" else epsilon(history, ledger.delta, "rdp")
     # Reserved on disk before training starts: a crash from here on over-counts, never under-counts.
-    ledger.append(LedgerEntry(run_id, proposal.server_round, "reserved", segment, eps, eps_rdp, decision.notes,
+    ledger.append(LedgerEntry(run_id, proposal.server_round, Status.RESERVED, segment, eps, eps_rdp, decision.notes,
                               now(), n, received))  # fmt: skip
-    ldm = load_model(base_model, mode, lora_rank, global_tensors, device)
+    ldm = load_model(proposal.base_model, proposal.finetune_mode, proposal.lora_rank, global_tensors, device)
+    settings = TrainSettings(
+        proximal_mu=proposal.proximal_mu,
+        slices_per_subject=proposal.slices_per_subject,
+        noise_draws=proposal.noise_draws,
+    )
     train_round(ldm, slices, plan, settings, randomness)
     tensors = trainable_tensors(ldm.denoiser)
     ledger.settle(tensor_digest(tensors))
@@ -188,4 +169,4 @@ def _round_under_lock(
         "delta": ledger.delta,
         "trained": 1.0,
     }
-    return SiteReply(site.site_id, "trained", tensors, metrics, decision.notes, site.privacy.accountant), ledger
+    return RoundResult(SiteReply(site.site_id, Status.TRAINED, metrics, notes, accountant), tensors), ledger

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,28 +79,6 @@ class EvaluatorConfig:
     features: int = 64
     seed: int = 0
     randomize: bool = False  # domain randomization (common/randomize.py) on top of flips and shifts
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What the server asks each site to do with a release (sent as a flat config, read back here)."""
-
-    samples_per_condition: int = 16
-    steps: int = 20  # DPM-Solver++ steps
-    guidance_scale: float = 3.0
-    seed: int = 0
-    min_subjects: int = 2  # a condition with fewer held-out subjects is not reported
-    few_shot_k: int = 3
-    few_shot_repeats: int = 3
-
-    def to_config(self) -> dict[str, int | float]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, object]) -> EvalSettings:
-        """Read to_config()'s keys back with each field's type; a missing key is an error."""
-        cast = {"int": int, "float": float}
-        return cls(**{f.name: cast[str(f.type)](config[f.name.replace("_", "-")]) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import math
-from enum import Enum
 from typing import cast
 
 import torch
 from torch import nn
 
 from common.model import Denoiser
-
-
-class FinetuneMode(str, Enum):
-    full = "full"  # every UNet and condition-encoder parameter
-    attention = "attention"  # attention layers + condition encoder, as in DP-LDM (Lyu et al. 2023)
-    lora = "lora"  # rank-r adapters on the attention projections + condition encoder (Hu et al. 2022)
-    # The condition encoder alone (~16k parameters for the shipped base): what each attribute
-    # (modality, pathology, field, timing, position) means to a frozen UNet. DP noise grows with
-    # the square root of the trainable dimension while the signal does not (docs/generator.md).
-    conditioning = "conditioning"
+from common.protocol import FinetuneMode, parse
 
 
 def parse_mode(text: str) -> FinetuneMode:
-    try:
-        return FinetuneMode(text)
-    except ValueError:
-        raise ValueError(
-            f"unknown fine-tuning mode {text!r}; choose one of: {', '.join(m.value for m in FinetuneMode)}"
-        ) from None
+    return parse(FinetuneMode, text, "fine-tuning mode")
 
 
 class LoRALinear(nn.Module):

@@ -19,7 +19,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-ACCOUNTANTS = ("prv", "rdp", "pld")
+from common.protocol import Accountant
+
 PRV_RDP_CUTOFF = 64.0  # above this RDP ε, "prv" reports the (larger) RDP value
 
 
@@ -62,7 +63,7 @@ def epsilon(segments: Sequence[Segment], delta: float, accountant: str = "prv") 
         return _epsilon_opacus(active, delta, "rdp")
     if accountant == "pld":
         return _epsilon_pld(active, delta)
-    raise ValueError(f"unknown accountant {accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}")
+    raise ValueError(f"unknown accountant {accountant!r}; choose one of: {', '.join(Accountant)}")
 
 
 def _epsilon_opacus(segments: list[Segment], delta: float, kind: str) -> float:

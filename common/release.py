@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.protocol import SPENDING
 from common.signed_entries import chain_problems, load_public_key, spent_segments
 
 FORMAT_VERSION = 2
@@ -276,7 +277,7 @@ def _site_problems(site: dict[str, Any], key: ec.EllipticCurvePublicKey | None) 
             f"{label}: the claimed segments ({len(site['segments'])}) are not exactly the {len(signed)} the site "
             "signed (a segment removed, added or altered)"
         )
-    spending = [e for e in entries if e["status"] in ("reserved", "trained") and e["segment"]]
+    spending = [e for e in entries if e["status"] in SPENDING and e["segment"]]
     if any(e["delta"] != site["delta"] for e in entries):
         problems.append(f"{label}: claimed delta {site['delta']} is not the δ of its signed entries")
     if spending and any(e["max_grad_norm"] != site["max_grad_norm"] for e in spending):

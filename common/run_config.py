@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.device import DEVICES
-from common.finetune import FinetuneMode
+from common.protocol import ClientDP, FinetuneMode, Strategy, Task, parse
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
-CLIENT_DP = ("off", "fixed")
-TASKS = ("train", "evaluate")
+# The enum-valued keys: Flower hands them over as strings, read here once.
+ENUMS = {"finetune_mode": FinetuneMode, "strategy": Strategy, "client_dp": ClientDP, "task": Task}
 
 
 @dataclass(frozen=True)
@@ -26,10 +25,10 @@ class RunConfig:
     # K of its slices and M noise/timestep draws per slice. Costs no privacy; costs K·M compute.
     slices_per_subject: int = 4  # K
     noise_draws: int = 2  # M
-    finetune_mode: str = "attention"
+    finetune_mode: FinetuneMode = FinetuneMode.attention
     lora_rank: int = 4
     base_model: str = "shipped"  # "shipped" or a model directory present at every site
-    strategy: str = "fedavg"
+    strategy: Strategy = Strategy.fedavg
     proximal_mu: float = 0.01  # FedProx only
     server_learning_rate: float = 0.01  # FedAdam only
     min_train_nodes: int = 1  # a round completes when at least this many sites reply
@@ -43,12 +42,12 @@ class RunConfig:
     # YAML's `device:`. A deployed (guarded) node refuses it: there the YAML decides.
     device: str = ""
     # Optional client-level DP at the server (server/client_dp.py); off by default.
-    client_dp: str = "off"  # off | fixed (Flower's server-side fixed-clipping wrapper)
+    client_dp: ClientDP = ClientDP.off  # off | fixed (Flower's server-side fixed-clipping wrapper)
     client_dp_noise: float = 1.0  # σ of the noise on the mean of clipped site updates, in units of C/n
     client_dp_clip: float = 1.0  # C: L2 bound on each site's update before averaging
     client_dp_delta: float = 1e-5
     # task = evaluate: send the release at eval-model to every site (server/evaluation.py).
-    task: str = "train"
+    task: Task = Task.train
     eval_model: str = ""  # a release directory on the server
     eval_samples: int = 16  # generated slices per (modality, pathology) at each site
     eval_steps: int = 20  # DPM-Solver++ steps
@@ -56,16 +55,10 @@ class RunConfig:
     eval_min_subjects: int = 2  # conditions with fewer held-out subjects are not reported
 
     def __post_init__(self) -> None:
-        if self.finetune_mode not in {m.value for m in FinetuneMode}:
-            _bad("finetune-mode", self.finetune_mode, [m.value for m in FinetuneMode])
-        if self.strategy not in STRATEGIES:
-            _bad("strategy", self.strategy, list(STRATEGIES))
-        if self.client_dp not in CLIENT_DP:
-            _bad("client-dp", self.client_dp, list(CLIENT_DP))
+        for name, kind in ENUMS.items():
+            object.__setattr__(self, name, parse(kind, getattr(self, name), f"run config '{name.replace('_', '-')}'"))
         if self.device not in ("", *DEVICES):
             _bad("device", self.device, ["", *DEVICES])
-        if self.task not in TASKS:
-            _bad("task", self.task, list(TASKS))
         if self.task == "evaluate" and not self.eval_model:
             raise ValueError("run config 'task' = 'evaluate' needs 'eval-model', a release directory")
         if self.client_dp != "off":
@@ -101,7 +94,9 @@ class RunConfig:
         return cls(**values)
 
     def to_flower(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Hyphenated keys and plain values (enum members as their strings), as Flower holds them."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k.replace("_", "-"): v.value if k in ENUMS else v for k, v in values.items()}
 
 
 def _bad(key: str, value: object, valid: list[str]) -> None:

@@ -25,13 +25,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.protocol import SPENDING
+
 BODY_KEYS = (
     "site_id", "run_id", "server_round", "status", "segment", "num_subjects", "delta", "max_grad_norm",
     "epsilon", "epsilon_rdp", "notes", "time", "global_digest", "update_digest", "prev",
 )  # fmt: skip
-# The statuses whose segment composes into ε. A round's spend is written as "reserved" before
-# training starts and re-signed as "trained" (same segment, plus the update's digest) after it.
-SPENDING = ("reserved", "trained")
+# SPENDING: the statuses whose segment composes into ε. A round's spend is written as "reserved"
+# before training starts and re-signed as "trained" (same segment, plus the update's digest) after it.
 
 
 def canonical(body: Mapping[str, Any]) -> bytes:

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
 from common.privacy import Segment, epsilon
+from common.protocol import JSON
 from common.run_config import RunConfig
 
 WEIGHT_KEY = "client-dp-weight"  # equal aggregation weights: the average's sensitivity is C/n
@@ -46,7 +47,7 @@ class ClientLevelAccount:
     def epsilon(self, accountant: str = "prv") -> float:
         return epsilon(self.segments(), self.delta, accountant)
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "mechanism": "gaussian, server-side fixed clipping (flwr DifferentialPrivacyServerSideFixedClipping)",
             "adjacency": "zero-out one site's update",

@@ -21,10 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.conditions import Conditions, Modality, Pathology
-from common.evaluator import FIELD_CLASSES, HEADS, EvalSettings, Evaluator
+from common.evaluator import FIELD_CLASSES, HEADS, Evaluator
 from common.metrics import adherence
 from common.model import LDM
 from common.prompts import conditions_to_vector
+from common.protocol import EvalReply, EvalRequest
 from common.run_config import RunConfig
 from common.sampling import sample
 
@@ -37,14 +38,13 @@ SITE_COLUMNS = (
 )  # fmt: skip
 
 
-def release_message_content(ldm: LDM, configs: dict[str, str], request: EvalSettings) -> RecordDict:
-    """The release as arrays (VAE and denoiser), its JSON files (architecture, settings) and the request."""
-    config = ConfigRecord({**request.to_config(), "model-configs": json.dumps(configs)})
+def release_message_content(ldm: LDM, request: EvalRequest) -> RecordDict:
+    """The release as arrays (VAE and denoiser) and the request (with the release's JSON files)."""
     return RecordDict(
         {
             "vae": ArrayRecord(ldm.vae.state_dict()),
             "denoiser": ArrayRecord(ldm.denoiser.state_dict()),
-            "config": config,
+            "config": ConfigRecord(request.to_record()),
         }
     )
 
@@ -58,12 +58,10 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def collect_site_results(
-    grid: Grid, ldm: LDM, configs: dict[str, str], request: EvalSettings, min_nodes: int, timeout: float
-) -> dict:
+def collect_site_results(grid: Grid, ldm: LDM, request: EvalRequest, min_nodes: int, timeout: float) -> dict:
     """{site_id: {key: value}} from every site that answered; errors are logged and listed under 'errors'."""
     nodes = wait_for_nodes(grid, min_nodes, timeout)
-    content = release_message_content(ldm, configs, request)
+    content = release_message_content(ldm, request)
     messages = [Message(content=content, dst_node_id=node, message_type="evaluate") for node in nodes]
     results: dict[str, dict[str, float]] = {}
     errors: dict[str, str] = {}
@@ -72,8 +70,13 @@ def collect_site_results(
             errors[str(reply.metadata.src_node_id)] = reply.error.reason
             log.warning("evaluation failed at node %s: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        site_id = str(reply.content["reply"]["site-id"])
-        results[site_id] = dict(reply.content["metrics"])
+        try:
+            answer = EvalReply.from_record(reply.content["reply"], reply.content["metrics"])
+        except (KeyError, ValueError) as err:
+            errors[str(reply.metadata.src_node_id)] = f"malformed evaluation reply: {err}"
+            log.warning("evaluation reply from node %s refused: %s", reply.metadata.src_node_id, err)
+            continue
+        results[answer.site_id] = dict(answer.metrics)
     return {"sites": results, "errors": errors}
 
 
@@ -245,11 +248,15 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         verify_release(model)  # raises ReleaseError naming what does not check
         log.info("release %s verified", model)
     ldm = load_ldm(model)
-    request = EvalSettings(
-        samples_per_condition=run.eval_samples, steps=run.eval_steps, seed=run.seed, min_subjects=run.eval_min_subjects
+    request = EvalRequest(
+        samples_per_condition=run.eval_samples,
+        steps=run.eval_steps,
+        seed=run.seed,
+        min_subjects=run.eval_min_subjects,
+        model_configs=model_configs(model),
     )
     start = time.time()
-    collected = collect_site_results(grid, ldm, model_configs(model), request, run.min_train_nodes, run.round_timeout)
+    collected = collect_site_results(grid, ldm, request, run.min_train_nodes, run.round_timeout)
     sites = collected["sites"]
     log.info("evaluation: %d sites answered in %.0f s", len(sites), time.time() - start)
     grid_rows = grid_adherence(
@@ -268,7 +275,7 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         "sites": sorted(sites),
         "errors": collected["errors"],
         "adherence": summarize(grid_rows),
-        "request": asdict(request),
+        "request": {k: v for k, v in asdict(request).items() if k != "model_configs"},
         "wall_s": round(time.time() - start, 1),
     }
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from common import protocol
 from common.atomic import atomic_write
 from common.finetune import configure, parse_mode, trainable_tensors
 from common.model import LDM, load_ldm
+from common.protocol import RoundProposal, RunRecord, SiteReply, Status
 from common.release import UNRELEASED, merge_chain, parent_chains
 from common.run_config import RunConfig
 from common.weights import base_model_dir
@@ -65,67 +66,60 @@ def base_ldm(run: RunConfig) -> LDM:
     return ldm
 
 
-def write_records(run_dir: Path, records: list[dict[str, Any]]) -> None:
+def write_records(run_dir: Path, records: list[RunRecord]) -> None:
     """metrics.jsonl: the round records, one JSON line each (a readable copy of the checkpoint's)."""
-    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write(run_dir / "metrics.jsonl", protocol.write_records(records))
+
+
+def _rejected(reply: SiteReply, reason: str) -> SiteReply:
+    return replace(reply, status=Status.REJECTED, notes=(*reply.notes, reason))
 
 
 def keep_chains(
-    chains: dict[str, list[dict[str, Any]]], accepted: list[Message], outcomes: list[SiteOutcome]
-) -> list[Message]:
+    chains: dict[str, list[dict[str, Any]]], accepted: list[Message], outcomes: list[SiteReply]
+) -> tuple[list[Message], list[SiteReply]]:
     """Extend each site's chain with the entries it sent; an update whose entries do not continue the
     chain the server holds is rejected (the release could not account for it)."""
-    rejected = set()
+    rejected, kept = set(), []
     for outcome in outcomes:
-        if not outcome.entries:
-            continue
-        try:
-            chains[outcome.site_id] = merge_chain(chains.get(outcome.site_id, []), outcome.entries)
-        except ValueError as err:
-            if outcome.status == "trained":
-                outcome.status = "rejected"
-                rejected.add(outcome.site_id)
-            outcome.notes = [*outcome.notes, str(err)]
-    return [m for m in accepted if str(m.content["reply"]["site-id"]) not in rejected]
-
-
-@dataclass
-class SiteOutcome:
-    site_id: str
-    status: str  # trained / declined / refused / rejected / error
-    metrics: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    accountant: str = ""  # the site's accountant for metrics["epsilon"]
-    entries: list[dict[str, Any]] = field(default_factory=list)  # the site's signed ledger entries, new ones
+        if outcome.entries:
+            try:
+                entries = [dict(e) for e in outcome.entries]
+                chains[outcome.site_id] = merge_chain(chains.get(outcome.site_id, []), entries)
+            except ValueError as err:
+                if outcome.status == Status.TRAINED:
+                    rejected.add(outcome.site_id)
+                    outcome = _rejected(outcome, str(err))
+                else:
+                    outcome = replace(outcome, notes=(*outcome.notes, str(err)))
+        kept.append(outcome)
+    return [m for m in accepted if str(m.content["reply"]["site-id"]) not in rejected], kept
 
 
 def screen(
     replies: Iterable[Message], reference: dict[str, torch.Tensor], max_update_norm: float
-) -> tuple[list[Message], list[SiteOutcome]]:
-    """Split replies into aggregatable ones and an outcome per site (with the reason when left out)."""
+) -> tuple[list[Message], list[SiteReply]]:
+    """Split replies into aggregatable ones and a reply per site (with the reason when left out)."""
     accepted, outcomes = [], []
     for msg in replies:
+        node = f"node-{msg.metadata.src_node_id}"
         if msg.has_error():
-            outcomes.append(SiteOutcome(f"node-{msg.metadata.src_node_id}", "error", notes=[msg.error.reason]))
+            outcomes.append(SiteReply(node, Status.ERROR, {}, (msg.error.reason,)))
             continue
-        info = msg.content["reply"]
-        outcome = SiteOutcome(
-            str(info["site-id"]),
-            str(info["status"]),
-            dict(msg.content["metrics"]),
-            [n for n in info["notes"] if n],
-            str(info.get("accountant", "")),
-            json.loads(str(info.get("entries", "[]"))),
-        )
-        if outcome.status == "trained":
+        try:
+            outcome = SiteReply.from_record(msg.content["reply"], msg.content["metrics"])
+        except (KeyError, ValueError) as err:
+            outcomes.append(SiteReply(node, Status.ERROR, {}, (f"malformed reply: {err}",)))
+            continue
+        if outcome.status == Status.TRAINED:
             if "arrays" not in msg.content:
-                outcome.status, outcome.notes = "rejected", [*outcome.notes, "reported trained but sent no tensors"]
+                outcome = _rejected(outcome, "reported trained but sent no tensors")
             else:
                 problem = update_problem(msg.content["arrays"].to_torch_state_dict(), reference, max_update_norm)
                 if problem is None:
                     accepted.append(msg)
                 else:
-                    outcome.status, outcome.notes = "rejected", [*outcome.notes, problem]
+                    outcome = _rejected(outcome, problem)
         outcomes.append(outcome)
     return accepted, outcomes
 
@@ -163,7 +157,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
     first_round = 1
     # Each site's signed ledger chain, from the parent release's (if the base model is one) on.
     chains = parent_chains(base_dir(run))
-    records: list[dict[str, Any]] = []
+    records: list[RunRecord] = []
     if run.resume:
         checkpoint = load_latest(run_dir)
         if checkpoint is None:
@@ -179,7 +173,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
             site_epsilon = dict(checkpoint.info.get("site_epsilon", {}))
             if "chains" not in checkpoint.info or "records" not in checkpoint.info:
                 raise CheckpointError(f"--resume: {run_dir} was checkpointed by an older fedmri; start a new run")
-            chains, records = checkpoint.info["chains"], checkpoint.info["records"]
+            chains = checkpoint.info["chains"]
+            records = [RunRecord.from_json(r) for r in checkpoint.info["records"]]
             # The round records are part of the checkpoint; metrics.jsonl is rewritten from them, so
             # a crash between the two files never loses (or duplicates) a round.
             write_records(run_dir, records)
@@ -188,27 +183,27 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
             first_round = checkpoint.server_round + 1
             log.info("resuming after round %d from %s", checkpoint.server_round, run_dir)
 
-    proposal = ConfigRecord(
-        {
-            "num-rounds": run.num_server_rounds,
-            "local-steps": run.local_steps,
-            "batch-size": run.batch_size,
-            "learning-rate": run.learning_rate,
-            "slices-per-subject": run.slices_per_subject,
-            "noise-draws": run.noise_draws,
-            "base-model": run.base_model,
-            "finetune-mode": run.finetune_mode,
-            "lora-rank": run.lora_rank,
-        }
-    )
     for server_round in range(first_round, run.num_server_rounds + 1):
         start = time.time()
-        heads = {site: chain[-1]["hash"] for site, chain in chains.items() if chain}
-        config = ConfigRecord({**dict(proposal), "ledger-heads": json.dumps(heads)})
+        proposal = RoundProposal(
+            server_round=server_round,
+            num_rounds=run.num_server_rounds,
+            local_steps=run.local_steps,
+            batch_size=run.batch_size,
+            learning_rate=run.learning_rate,
+            slices_per_subject=run.slices_per_subject,
+            noise_draws=run.noise_draws,
+            base_model=run.base_model,
+            finetune_mode=run.finetune_mode,
+            lora_rank=run.lora_rank,
+            ledger_heads={site: chain[-1]["hash"] for site, chain in chains.items() if chain},
+            # FedProx's configure_train adds proximal-mu itself; FedAvg and FedAdam add server-round.
+        )
+        config = ConfigRecord(proposal.to_record())
         messages = strategy.configure_train(server_round, ArrayRecord(global_tensors), config, grid)
         replies = grid.send_and_receive(messages, timeout=run.round_timeout)
         accepted, outcomes = screen(replies, global_tensors, run.max_update_norm)
-        accepted = keep_chains(chains, accepted, outcomes)
+        accepted, outcomes = keep_chains(chains, accepted, outcomes)
         if len(accepted) >= run.min_train_nodes:
             if run.client_dp != "off":
                 client_dp.prepare(accepted, list(global_tensors))
@@ -226,43 +221,38 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
         for outcome in outcomes:
             if "epsilon" in outcome.metrics:
                 site_epsilon[outcome.site_id] = outcome.metrics["epsilon"]
-            if outcome.status != "trained":
+            if outcome.status != Status.TRAINED:
                 log.warning(
                     "round %d: %s %s: %s", server_round, outcome.site_id, outcome.status, "; ".join(outcome.notes)
                 )
         account = client_dp.start_account(run, releases)
         client_level = account.to_json() if account else None
-        record = {
-            "round": server_round,
-            "wall_s": round(time.time() - start, 2),
-            "accepted": len(accepted),
-            "sites": {
-                o.site_id: {"status": o.status, **o.metrics, "accountant": o.accountant, "notes": o.notes}
-                for o in outcomes
-            },
-            "client_level": client_level,
-        }
+        record = RunRecord(
+            round=server_round,
+            wall_s=round(time.time() - start, 2),
+            accepted=len(accepted),
+            sites={o.site_id: o for o in outcomes},
+            client_level=client_level,
+        )
         records.append(record)
         info = {
             "strategy": run.strategy,
             "site_epsilon": site_epsilon,
             "client_level": client_level,
             "run_config": run.to_flower(),
-            "records": records,
+            "records": [r.to_json() for r in records],
             "chains": chains,
         }
         # One atomic write holds the round's tensors, its record and every signed entry.
         save_checkpoint(run_dir, Checkpoint(server_round, global_tensors, _strategy_state(strategy), info))
         write_records(run_dir, records)
         summary = ", ".join(
-            f"{o.site_id} {o.status} σ {o.metrics.get('noise-multiplier', float('nan')):.2f} ε {o.metrics.get('epsilon', float('nan')):.2f}"
+            f"{o.site_id} {o.status.value} σ {o.metrics.get('noise-multiplier', float('nan')):.2f} ε {o.metrics.get('epsilon', float('nan')):.2f}"
             for o in outcomes
         )
         if client_level:
             summary += f"; client-level ε {client_level['epsilon']:.2f} after {releases} releases"
-        print(
-            f"[fedmri] round {server_round}/{run.num_server_rounds} ({record['wall_s']:.0f} s): {summary}", flush=True
-        )
+        print(f"[fedmri] round {server_round}/{run.num_server_rounds} ({record.wall_s:.0f} s): {summary}", flush=True)
     return global_tensors
 
 

@@ -5,7 +5,6 @@ Sites send no training loss (it is a raw statistic of the subjects they sampled)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -13,11 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from common.protocol import read_records
+
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Write run_dir/sigma.png and run_dir/epsilon.png; returns their paths."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    sites = sorted({site for r in records for site in r["sites"]})
+    records = read_records((run_dir / "metrics.jsonl").read_text())
+    sites = sorted({site for r in records for site in r.sites})
     written = []
     for key, label, name in (
         ("noise-multiplier", "noise multiplier σ (site's choice)", "sigma.png"),
@@ -25,9 +26,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     ):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for site in sites:
-            points = [
-                (r["round"], r["sites"][site][key]) for r in records if site in r["sites"] and key in r["sites"][site]
-            ]
+            replies = [(r.round, r.sites[site]) for r in records if site in r.sites]
+            points = [(n, reply.metrics[key]) for n, reply in replies if key in reply.metrics]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=site)
         ax.set_xlabel("round")

@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.model import load_ldm, save_ldm
 from common.privacy import Segment, epsilon
+from common.protocol import SPENDING, RunRecord, Status
 from common.release import CONSORTIUM_KEY, SiteAccount, directory_digest, parent_reference, write_manifest
-from common.signed_entries import SPENDING, new_key_pair, spent_segments
+from common.signed_entries import new_key_pair, spent_segments
 from common.weights import NAME as SHIPPED_NAME
 from common.weights import base_model_dir
 from server.checkpoint import Checkpoint, load_latest
@@ -42,20 +43,20 @@ class SiteRecord:
     reported_epsilon: float = 0.0  # the site's cumulative ledger ε (may include earlier runs)
 
 
-def gather_sites(records: list[dict[str, Any]], chains: dict[str, list[dict[str, Any]]]) -> dict[str, SiteRecord]:
+def gather_sites(records: list[RunRecord], chains: dict[str, list[dict[str, Any]]]) -> dict[str, SiteRecord]:
     """Every site of the chains (this run's and its parent's) with what it reported in this run's rounds."""
     sites = {site_id: SiteRecord(site_id, entries=chain) for site_id, chain in chains.items()}
     for record in records:
-        for site_id, info in record["sites"].items():
-            if info["status"] == "error" or site_id not in sites:
+        for site_id, reply in record.sites.items():
+            if reply.status == Status.ERROR or site_id not in sites:
                 continue
             site = sites[site_id]
-            site.accountant = info.get("accountant") or site.accountant
-            site.reported_epsilon = info.get("epsilon", site.reported_epsilon)
-            if info.get("trained") == 1.0:
-                segment = {k: info[m] for k, m in (("sample_rate", "sample-rate"),
+            site.accountant = reply.accountant.value if reply.accountant else site.accountant
+            site.reported_epsilon = reply.metrics.get("epsilon", site.reported_epsilon)
+            if reply.metrics.get("trained") == 1.0:
+                segment = {k: reply.metrics[m] for k, m in (("sample_rate", "sample-rate"),
                            ("noise_multiplier", "noise-multiplier"), ("steps", "steps"))}  # fmt: skip
-                site.trained_rounds.append((record["round"], segment))
+                site.trained_rounds.append((record.round, segment))
     return sites
 
 
@@ -124,13 +125,13 @@ def _site_descriptions(run_config: dict[str, Any]) -> dict[str, str]:
 
 def model_card(
     accounts: list[SiteAccount],
-    records: list[dict[str, Any]],
+    records: list[RunRecord],
     client_level: dict[str, Any] | None,
     base_model: dict[str, str],
     descriptions: dict[str, str],
     reported: dict[str, SiteRecord],
 ) -> str:
-    rounds = records[-1]["round"]
+    rounds = records[-1].round
     lines = [
         "# fedmri release: a federated, differentially private brain-MRI slice generator",
         "",
@@ -254,7 +255,8 @@ def build_release(run_dir: Path, out: Path, key_path: Path | None = None) -> tup
     if not (model_dir / "fedmri.json").exists():
         raise RunDirError(f"{model_dir}: no final model; the run did not finish")
     checkpoint = _final_checkpoint(run_dir)
-    records, run_config = checkpoint.info["records"], dict(checkpoint.info["run_config"])
+    records = [RunRecord.from_json(r) for r in checkpoint.info["records"]]
+    run_config = dict(checkpoint.info["run_config"])
     if not records or checkpoint.server_round != int(run_config["num-server-rounds"]):
         raise RunDirError(
             f"{run_dir}: the last checkpoint is of round {checkpoint.server_round} of {run_config['num-server-rounds']}; "
@@ -267,7 +269,7 @@ def build_release(run_dir: Path, out: Path, key_path: Path | None = None) -> tup
     base = str(run_config.get("base-model", "shipped"))
     base_dir = base_model_dir() if base == "shipped" else Path(base)
     base_model = {"name": SHIPPED_NAME if base == "shipped" else base_dir.name, "sha256": directory_digest(base_dir)}
-    client_level = records[-1].get("client_level")
+    client_level: dict[str, Any] | None = dict(records[-1].client_level) if records[-1].client_level else None
     if client_level:  # the same method as the verifier's: dp-accounting PLD
         parts = [Segment(x["sample_rate"], x["noise_multiplier"], int(x["steps"])) for x in client_level["segments"]]
         client_level = {**client_level, "epsilon": epsilon(parts, client_level["delta"], "pld")}

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.protocol import Status, read_records
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 MODES = ("full", "attention", "lora", "conditioning")
 
@@ -369,14 +371,14 @@ def simulate_sites(yaml_paths: list[Path], rounds: int, steps: int, batch: int, 
     watcher.join()
     wall = time.perf_counter() - start
     metrics = out / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    records = read_records(metrics.read_text()) if metrics.exists() else []
     if proc.returncode != 0 or len(records) != rounds:
         raise RuntimeError(f"simulation of {len(yaml_paths)} sites failed:\n{stderr.decode()[-3000:]}")
     for record in records:
-        failed = {site: v["status"] for site, v in record["sites"].items() if v["status"] != "trained"}
-        if failed or record["accepted"] != len(yaml_paths):
+        failed = {site: v.status.value for site, v in record.sites.items() if v.status != Status.TRAINED}
+        if failed or record.accepted != len(yaml_paths):
             raise RuntimeError(
-                f"round {record['round']}: not every site trained, so its time is not comparable: {failed}"
+                f"round {record.round}: not every site trained, so its time is not comparable: {failed}"
             )
     return {"records": records, "peak_rss_mib": round(peak / 1024, 1), "wall_s": round(wall, 1)}
 
@@ -411,11 +413,10 @@ def federation_overhead(work: Path, steps: int, batch: int, subjects: int = 12) 
     """Round 2 of a one-site simulation over the same round at the site, run standalone."""
     import shutil
 
-    from client.policy import Proposal
     from client.round import run_site_round
-    from client.trainer import TrainSettings
     from common.finetune import FinetuneMode, configure, trainable_tensors
     from common.model import load_ldm
+    from common.protocol import RoundProposal
     from common.weights import base_model_dir
     from sites.config import load_site
 
@@ -424,22 +425,14 @@ def federation_overhead(work: Path, steps: int, batch: int, subjects: int = 12) 
     global_tensors = trainable_tensors(base.denoiser)  # what the server sends in round 1
     (yaml_path,) = bench_sites(work, 1, subjects)
     simulated = simulate_sites([yaml_path], 2, steps, batch, work / "federation")
-    round_s = simulated["records"][1]["wall_s"]
+    round_s = simulated["records"][1].wall_s
     shutil.rmtree(load_site(yaml_path).home_dir, ignore_errors=True)  # the bench's own site starts unspent
 
     def standalone(server_round: int) -> float:
         start = time.perf_counter()
-        proposal = Proposal(server_round, 2, steps, batch, 1e-4)
-        run_site_round(
-            str(yaml_path),
-            1,
-            proposal,
-            global_tensors,
-            "shipped",
-            FinetuneMode.attention,
-            4,
-            TrainSettings(slices_per_subject=1, noise_draws=1),  # as the simulated round (_simulate_worker)
-        )
+        # As the simulated round (_simulate_worker): K = M = 1.
+        proposal = RoundProposal(server_round, 2, steps, batch, 1e-4, 1, 1, "shipped", FinetuneMode.attention, 4)
+        run_site_round(str(yaml_path), 1, proposal, global_tensors)
         return time.perf_counter() - start
 
     standalone(1)  # warm-up: reads the site's data once, as the simulation's actor did in round 1
@@ -460,8 +453,8 @@ def scale(work: Path, counts: tuple[int, ...], subjects: int, steps: int, batch:
         result = simulate_sites(yaml_paths, 1, steps, batch, work / f"scale-{count}")
         out[str(count)] = {
             "peak_rss_mib": result["peak_rss_mib"],
-            "round_wall_s": result["records"][0]["wall_s"],
-            "accepted": result["records"][0]["accepted"],
+            "round_wall_s": result["records"][0].wall_s,
+            "accepted": result["records"][0].accepted,
             "process_wall_s": result["wall_s"],
         }
     return out

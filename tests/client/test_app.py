@@ -16,6 +16,7 @@ from client import round as site_round
 from client.app import train
 from common.finetune import FinetuneMode, configure, trainable_tensors
 from common.model import load_ldm
+from common.protocol import METRIC_KEYS, PROTOCOL_VERSION
 from common.run_config import RunConfig
 from common.signed_entries import tensor_digest
 
@@ -46,7 +47,7 @@ def train_message(base: Path, server_round: int = 1, **overrides: object) -> Mes
     config = {
         "server-round": server_round, "num-rounds": 2, "local-steps": 2, "batch-size": 2, "learning-rate": 1e-3,
         "base-model": str(base), "finetune-mode": "attention", "lora-rank": 2, "slices-per-subject": 2,
-        "noise-draws": 2, **overrides,
+        "noise-draws": 2, "ledger-heads": "{}", "protocol-version": PROTOCOL_VERSION, **overrides,
     }  # fmt: skip
     content = RecordDict({"arrays": ArrayRecord(trainable_tensors(ldm.denoiser)), "config": ConfigRecord(config)})
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
@@ -74,9 +75,9 @@ def test_reply_carries_only_trainable_tensors_and_whitelisted_scalars(
     sent = content["arrays"].to_torch_state_dict()
     assert set(sent) == set(msg.content["arrays"].to_torch_state_dict())  # only the trainable tensors
     assert not any(t.shape[-2:] == (64, 64) for t in sent.values())  # nothing image-shaped
-    assert set(content["metrics"]) <= set(site_round.METRIC_KEYS) and "loss" not in content["metrics"]
+    assert set(content["metrics"]) <= set(METRIC_KEYS) and "loss" not in content["metrics"]
     assert all(isinstance(v, float) for v in content["metrics"].values())  # scalars, no per-subject lists
-    assert set(content["reply"]) == {"site-id", "status", "notes", "accountant", "entries"}
+    assert set(content["reply"]) == {"protocol-version", "site-id", "status", "notes", "accountant", "entries"}
     assert content["reply"]["status"] == "trained" and content["reply"]["accountant"] == "rdp"
     # The signed ledger entry for this round: the digests of what the site received and what it sent.
     (entry,) = json.loads(content["reply"]["entries"])

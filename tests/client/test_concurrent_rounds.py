@@ -20,10 +20,9 @@ from common.privacy import Segment, epsilon
 ROUND = """
 import sys, time
 from pathlib import Path
-from client.policy import Proposal
 from client.round import run_site_round
-from client.trainer import TrainSettings
 from common.finetune import FinetuneMode, configure, trainable_tensors
+from common.protocol import RoundProposal
 from common.model import load_ldm
 yaml_path, base, go, steps, run_id = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 ldm = load_ldm(Path(base)); configure(ldm.denoiser, FinetuneMode.attention, 2)
@@ -31,9 +30,11 @@ tensors = trainable_tensors(ldm.denoiser)
 print("ready", flush=True)
 while not go.exists():
     time.sleep(0.01)
-proposal = Proposal(server_round=1, num_rounds=1, local_steps=steps, batch_size=2, learning_rate=1e-3)
-reply = run_site_round(yaml_path, run_id, proposal, tensors, base, FinetuneMode.attention, 2, TrainSettings())
-print("status", reply.status, flush=True)
+proposal = RoundProposal(server_round=1, num_rounds=1, local_steps=steps, batch_size=2, learning_rate=1e-3,
+                         slices_per_subject=4, noise_draws=2, base_model=base, finetune_mode=FinetuneMode.attention,
+                         lora_rank=2)
+result = run_site_round(yaml_path, run_id, proposal, tensors)
+print("status", result.reply.status.value, flush=True)
 """
 
 

@@ -6,16 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from client.evaluate import CONDITION_KEYS, EvalSettings, check_keys, run_site_evaluation
+from client.evaluate import CONDITION_KEYS, check_keys, run_site_evaluation
 from common.model import load_ldm, model_configs
+from common.protocol import EvalRequest
 
 
 def test_a_site_returns_aggregates_for_its_held_out_conditions(tiny_sites: Path, tiny_base: Path) -> None:
     ldm = load_ldm(tiny_base)
-    settings = EvalSettings(samples_per_condition=3, steps=2, min_subjects=1, few_shot_k=1, few_shot_repeats=1)
+    settings = EvalRequest(
+        3, steps=2, min_subjects=1, few_shot_k=1, few_shot_repeats=1, model_configs=model_configs(tiny_base)
+    )
     yaml_path = str(tiny_sites / "tiny-a.yaml")
     site_id, metrics, private = run_site_evaluation(
-        yaml_path, model_configs(tiny_base), ldm.vae.state_dict(), ldm.denoiser.state_dict(), settings
+        yaml_path, settings, ldm.vae.state_dict(), ldm.denoiser.state_dict()
     )
     assert site_id == "tiny-a"
     conditions = {tuple(k.split("/")[:2]) for k in metrics if k.count("/") == 2}
@@ -56,20 +59,22 @@ def test_the_site_policy_sets_the_evaluation_cohort_and_the_server_cannot_lower_
     tiny_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of
 ) -> None:
     ldm = load_ldm(tiny_base)
-    parts = (model_configs(tiny_base), ldm.vae.state_dict(), ldm.denoiser.state_dict())
-    asks_for_one = EvalSettings(samples_per_condition=2, steps=2, min_subjects=1, few_shot_k=1, few_shot_repeats=1)
+    asks_for_one = EvalRequest(
+        2, steps=2, min_subjects=1, few_shot_k=1, few_shot_repeats=1, model_configs=model_configs(tiny_base)
+    )
+    parts = (asks_for_one, ldm.vae.state_dict(), ldm.denoiser.state_dict())
     declines = _site_with(tiny_sites, tmp_path / "declines", evaluate=False)
     with pytest.raises(PermissionError, match=r"privacy\.evaluate: false"):
-        run_site_evaluation(declines, *parts, asks_for_one)
+        run_site_evaluation(declines, *parts)
     strict = _site_with(tiny_sites, tmp_path / "strict", min_eval_subjects=10)  # the default
     with pytest.raises(PermissionError, match="held-out subjects < the minimum cohort 10"):
-        run_site_evaluation(strict, *parts, asks_for_one)  # the server asked for 1
+        run_site_evaluation(strict, *parts)  # the server asked for 1
     from sites.config import load_site
 
     assert not load_site(strict).ledger_path.exists()  # nothing answered, nothing recorded
 
     answers = _site_with(tiny_sites, tmp_path / "answers", min_eval_subjects=1)
-    run_site_evaluation(answers, *parts, asks_for_one, run_id=9)
+    run_site_evaluation(answers, *parts, run_id=9)
     (entry,) = ledger_of(Path(answers))["entries"]
     assert entry["status"] == "evaluated" and entry["run_id"] == 9 and entry["segment"] is None
     assert entry["num_subjects"] == 1 and "NOT covered by DP" in entry["notes"][0]  # the cohort size

@@ -9,14 +9,18 @@ from pathlib import Path
 import pytest
 
 from client.ledger import Ledger, LedgerEntry
-from client.policy import Proposal, decide
+from client.policy import decide
 from common.privacy import Segment, epsilon
+from common.protocol import FinetuneMode, RoundProposal, Status
 from sites.config import PrivacyPolicy
 
 POLICY = PrivacyPolicy(
     max_epsilon=4.0, max_grad_norm=1.0, min_noise_multiplier=0.8, accountant="rdp", max_local_steps=50
 )
-PROPOSAL = Proposal(server_round=1, num_rounds=3, local_steps=20, batch_size=10, learning_rate=1e-4)
+PROPOSAL = RoundProposal(
+    server_round=1, num_rounds=3, local_steps=20, batch_size=10, learning_rate=1e-4, slices_per_subject=1,
+    noise_draws=1, base_model="shipped", finetune_mode=FinetuneMode.attention, lora_rank=4,
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -26,7 +30,7 @@ def ledger(tmp_path: Path) -> Ledger:
 
 def test_calibrated_round_fits_the_budget_for_all_planned_rounds(ledger: Ledger) -> None:
     decision = decide(POLICY, ledger, PROPOSAL, run_id=1)
-    assert decision.status == "train" and decision.plan is not None
+    assert decision.status == Status.RESERVED and decision.plan is not None
     plan = decision.plan
     assert plan.sample_rate == 0.1 and plan.noise_multiplier >= POLICY.min_noise_multiplier
     three_rounds = [Segment(plan.sample_rate, plan.noise_multiplier, plan.local_steps * 3)]
