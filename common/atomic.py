@@ -1,7 +1,9 @@
-"""All-or-nothing file writes for ledgers, checkpoints and manifests."""
+"""Files that must be whole: all-or-nothing writes (ledgers, checkpoints, manifests) and the sha256
+of a file's bytes (weights, checkpoints and releases name their files by it)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -35,3 +37,11 @@ def fsync_folder(folder: Path, with_files: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

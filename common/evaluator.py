@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.atomic import sha256_file
 from common.conditions import Modality, Pathology
 from common.randomize import randomize
-from common.release import sha256_file
 from common.weights import shipped_dir
 
 NAME = "fedmri-eval-v2"

@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.atomic import sha256_file
 from common.protocol import SPENDING
 from common.signed_entries import chain_problems, load_public_key, spent_segments
 
@@ -54,14 +55,6 @@ class ReleaseError(Exception):
     def __init__(self, release: Path, problems: list[str]) -> None:
         self.problems = problems
         super().__init__(f"{release}: verification FAILED\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_hashes(root: Path) -> dict[str, str]:

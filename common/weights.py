@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from common.release import sha256_file
+from common.atomic import sha256_file
 
 NAME = "fedmri-base-v1"
 BASE_MODEL = Path(__file__).parent / "weights" / NAME

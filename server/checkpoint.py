@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.atomic import fsync_folder
-from common.release import sha256_file
+from common.atomic import fsync_folder, sha256_file
 
 log = logging.getLogger("fedmri.server")
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from common.atomic import sha256_file
 from common.conditions import Conditions, Modality
 from common.model import load_ldm
 from common.prompts import conditions_to_vector
-from common.release import sha256_file
 from common.sampling import sample
 from common.weights import base_model_dir
 

@@ -203,7 +203,7 @@ def test_a_malformed_manifest_fails(release: Path, change, cause: str) -> None:
 
 
 def test_swapped_weights_with_rewritten_hashes_fail_on_the_consortium_signature(release: Path, keys: Path) -> None:
-    from common.release import sha256_file
+    from common.atomic import sha256_file
 
     unet = release / "unet" / "diffusion_pytorch_model.safetensors"
     data = bytearray(unet.read_bytes())
