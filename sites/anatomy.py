@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -59,7 +60,7 @@ def template_dir() -> Path:
 def load_anatomy() -> Anatomy:
     """Load the template and derive CSF, skull, scalp, ventricles and distance maps (~10 s)."""
     folder = template_dir()
-    images = {k: nib.load(folder / n) for k, n in TEMPLATE_NAMES.items()}
+    images = {k: cast(nib.Nifti1Image, nib.load(folder / n)) for k, n in TEMPLATE_NAMES.items()}
     affine = images["t1"].affine
     t1 = np.asarray(images["t1"].dataobj, dtype=np.float32)
     gm = np.asarray(images["gm"].dataobj, dtype=np.float32) / 255.0

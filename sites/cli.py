@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -10,7 +11,15 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from sites import scenarios
@@ -47,7 +56,7 @@ def make_scenario_sites(
             spec = site.synthetic
             assert spec is not None
             task = progress.add_task(f"{site.site_id:>14} ({spec.field_strength:g} T)", total=spec.num_subjects)
-            made = make_site(site, out, workers=workers, progress=lambda n, t=task: progress.advance(t, n))
+            made = make_site(site, out, workers=workers, progress=functools.partial(progress.advance, task))
             if not made:
                 progress.update(task, description=f"{site.site_id:>14} (unchanged, reused)")
             yaml_paths.append(write_site_yaml(site, out))
@@ -109,10 +118,12 @@ def summarize(yaml_paths: list[Path]) -> None:
         for path in yaml_paths:
             cfg = load_site(path)
             task = progress.add_task(f"reading {cfg.site_id}", total=None)
+
+            def shown(done: int, total: int, t: TaskID = task) -> None:
+                progress.update(t, completed=done, total=total)
+
             try:
-                data = read_site_data(
-                    cfg, progress=lambda done, total, t=task: progress.update(t, completed=done, total=total)
-                )
+                data = read_site_data(cfg, progress=shown)
             except SiteDataError as err:
                 table.add_row(cfg.site_id, "-", "-", "-", "-", f"[red]{err}[/red]")
                 continue

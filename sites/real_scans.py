@@ -41,7 +41,8 @@ def read_real_scans(folder: Path, image_size: int = 64, fov_mm: float = 220.0) -
     """Every labelled NIfTI file directly in `folder` as slices; an error if none is labelled."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    images, modality, scan, files, skipped = [], [], [], [], {}
+    images, modality, scan, skipped = [], [], [], {}
+    files: list[str] = []
     for path in sorted(folder.iterdir()):
         if not path.name.endswith(SUFFIXES):
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -192,8 +193,8 @@ def synthesize_subject(spec: SyntheticSpec, index: int) -> SubjectVolumes:
         **lesion_fracs,
     }
     scans = {m: _acquire(m, spec, fractions, affine, rng) for m in spec.modalities}
-    tissue = {"GM": gm.astype(np.float32), "WM": wm.astype(np.float32), "CSF": csf.astype(np.float32)}
-    return SubjectVolumes(draw, affine, scans, tissue, labels)
+    maps = {"GM": gm.astype(np.float32), "WM": wm.astype(np.float32), "CSF": csf.astype(np.float32)}
+    return SubjectVolumes(draw, affine, scans, maps, labels)
 
 
 def tissue_signal(tissue: Tissue, modality: Modality, field_strength: float, seq: SequenceParams) -> float:
@@ -217,7 +218,7 @@ def _acquire(
     """One scan: tissue mix -> signal -> bias field -> Rician noise -> arbitrary scanner units."""
     seq = spec.sequences[modality]
     b0 = spec.field_strength
-    signal = sum(f * tissue_signal(t, modality, b0, seq) for t, f in fractions.items())
+    signal = cast(np.ndarray, sum(f * tissue_signal(t, modality, b0, seq) for t, f in fractions.items()))
     shape = signal.shape
     bias = np.exp(_smooth_field(rng, shape, 1, spec.scanner.bias_field / 4)[..., 0])
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))

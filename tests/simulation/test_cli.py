@@ -3,19 +3,132 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
+import pytest
+import typer
 from typer.testing import CliRunner
 
+from common.evaluator import EvaluatorConfig
+from common.pretrain_config import PretrainConfig
+from common.run_config import RunConfig
 from simulation.cli import app
 
 runner = CliRunner()
 
 
-def test_help_explains_every_command() -> None:
+def _commands(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    """Every command and group under `command`, with the words that call it."""
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, (*path, name))
+
+
+COMMANDS = dict(_commands(typer.main.get_command(app)))
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=lambda path: " ".join(("fedmri", *path)))
+def test_every_command_explains_itself_and_names_its_options(path: tuple[str, ...]) -> None:
+    result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})  # wide: no option name is wrapped
+    assert result.exit_code == 0, result.output
+    command = COMMANDS[path]
+    if command.help:
+        assert " ".join(command.help.split()[:3]) in " ".join(result.output.split())
+    for param in command.params:
+        names = param.opts if isinstance(param, click.Option) else [param.human_readable_name]
+        assert any(name in result.output for name in names), f"{' '.join(path)} --help does not name {names}"
+
+
+def test_sites_make_help_explains_the_bids_output() -> None:
     result = runner.invoke(app, ["sites", "make", "--help"])
     assert result.exit_code == 0
     assert "BIDS" in result.output and "--scenario" in result.output
+
+
+# The options whose default is a typed config's: command -> (config, {option parameter: config field}).
+FROM_CONFIG: dict[str, tuple[type, dict[str, str]]] = {
+    "simulate": (RunConfig, {
+        "rounds": "num_server_rounds", "local_steps": "local_steps", "batch_size": "batch_size",
+        "learning_rate": "learning_rate", "mode": "finetune_mode", "strategy": "strategy", "base_model": "base_model",
+        "resume": "resume", "min_train_nodes": "min_train_nodes", "client_dp": "client_dp",
+        "client_dp_noise": "client_dp_noise", "client_dp_clip": "client_dp_clip",
+        "slices_per_subject": "slices_per_subject", "noise_draws": "noise_draws", "device": "device",
+    }),
+    "demo": (RunConfig, {  # the demo's K and M are its own (simulation/cli.py says why)
+        "rounds": "num_server_rounds", "local_steps": "local_steps", "mode": "finetune_mode",
+        "learning_rate": "learning_rate",
+    }),
+    "evaluate": (RunConfig, {
+        "samples": "eval_samples", "grid_samples": "eval_grid_samples", "steps": "eval_steps",
+        "min_subjects": "eval_min_subjects", "seed": "seed", "device": "device",
+    }),
+    "pretrain": (PretrainConfig, {
+        "vae_steps": "vae_steps", "unet_steps": "unet_steps", "batch_size": "batch_size",
+        "max_minutes": "max_minutes", "prediction_type": "prediction_type", "seed": "seed", "randomize": "randomize",
+    }),
+    "train-evaluator": (EvaluatorConfig, {"steps": "steps", "batch_size": "batch_size", "seed": "seed",
+                                          "randomize": "randomize"}),
+}  # fmt: skip
+# Other valid values for those fields: the CLI must follow the config wherever its defaults move.
+MOVED = {"finetune_mode": "lora", "strategy": "fedprox", "client_dp": "fixed", "base_model": "elsewhere",
+         "device": "cpu", "prediction_type": "v_prediction", "max_minutes": 7.5}  # fmt: skip
+# Run in a fresh interpreter: each config's constructor fills in the moved defaults before the CLI is imported.
+MOVE_AND_READ = """
+import functools, json, sys
+import typer
+import common.evaluator, common.pretrain_config, common.run_config
+moved = json.loads(sys.argv[1])
+for module, name in ((common.run_config, "RunConfig"), (common.pretrain_config, "PretrainConfig"),
+                     (common.evaluator, "EvaluatorConfig")):
+    setattr(module, name, functools.partial(getattr(module, name), **moved[name]))
+from simulation.cli import app
+root = typer.main.get_command(app)
+print(json.dumps({c: {p.name: p.default for p in root.commands[c].params} for c in sys.argv[2:]}, default=str))
+"""
+
+
+def _moved(config: type, field: str) -> object:
+    value = getattr(config(), field)
+    if field in MOVED:
+        return MOVED[field]
+    if isinstance(value, bool):
+        return not value
+    assert isinstance(value, int | float), f"{config.__name__}.{field}: add another valid value to MOVED"
+    return value * 3 + 1
+
+
+def test_cli_defaults_are_the_typed_configs_and_follow_them() -> None:
+    root = typer.main.get_command(app)
+    moved: dict[str, dict[str, object]] = {c.__name__: {} for c, _ in FROM_CONFIG.values()}
+    for command, (config, fields) in FROM_CONFIG.items():
+        defaults = {p.name: p.default for p in root.commands[command].params}
+        for option, field in fields.items():
+            assert defaults[option] == getattr(config(), field), f"fedmri {command} {option}: not {field}'s"
+            moved[config.__name__][field] = _moved(config, field)
+    RunConfig(**moved["RunConfig"])  # the moved defaults are a valid run config
+    args = [sys.executable, "-c", MOVE_AND_READ, json.dumps(moved), *FROM_CONFIG]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    read = json.loads(done.stdout)
+    for command, (config, fields) in FROM_CONFIG.items():
+        for option, field in fields.items():
+            assert read[command][option] == moved[config.__name__][field], (
+                f"fedmri {command} {option}: typed out, not {field}'s"
+            )
+
+
+def test_help_loads_neither_flower_nor_diffusers() -> None:
+    """`fedmri --help` imports every command module: they keep Flower and the model libraries lazy."""
+    code = (
+        "import sys\nfrom simulation.cli import app\nprint(sorted({'flwr', 'diffusers', 'opacus'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_sites_make_single_yaml_then_summary(tiny_sites: Path, tmp_path: Path) -> None:
