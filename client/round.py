@@ -144,7 +144,7 @@ def _round_under_lock(
     plan = decision.plan
     segment = Segment(plan.sample_rate, plan.noise_multiplier, plan.local_steps)
     history = [*ledger.segments(), segment]
-    eps = epsilon(history, ledger.delta, site.privacy.accountant)
+    eps = decision.projected_epsilon  # decide() composed exactly this history with the site's accountant
     eps_rdp = eps if site.privacy.accountant == "rdp" else epsilon(history, ledger.delta, "rdp")
     # Reserved on disk before training starts: a crash from here on over-counts, never under-counts.
     ledger.append(LedgerEntry(run_id, proposal.server_round, Status.RESERVED, segment, eps, eps_rdp, decision.notes,

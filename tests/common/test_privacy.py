@@ -39,6 +39,34 @@ def test_calibrated_sigma_meets_its_target(q: float, steps: int, target: float) 
         assert epsilon([Segment(q, sigma / 1.05, steps)], 1e-5, "prv") > target
 
 
+@settings(max_examples=8, deadline=None)  # about 4 s each: both searches, RDP
+@given(
+    q=st.floats(0.01, 0.6),
+    steps=st.integers(1, 400),
+    target=st.floats(0.3, 20.0),
+    floor=st.floats(0.0, 2.0),
+    spent=st.lists(st.tuples(st.floats(0.01, 0.6), SIGMAS, st.integers(1, 200)), max_size=2),
+)
+def test_the_secant_search_keeps_the_bisection_guarantee(
+    q: float, steps: int, target: float, floor: float, spent: list[tuple[float, float, int]]
+) -> None:
+    """Both searches answer the same question: the smallest σ >= floor that fits, to 1 %, or None."""
+    history = [Segment(*s) for s in spent]
+    found = {
+        search: calibrate_noise(history, q, steps, 1e-5, target, floor, accountant="rdp", search=search)
+        for search in ("secant", "bisect")
+    }
+    sigma = found["secant"]
+    assert (sigma is None) == (found["bisect"] is None)
+    if sigma is None:
+        assert epsilon([*history, Segment(q, 100.0, steps)], 1e-5, "rdp") > target
+        return
+    assert epsilon([*history, Segment(q, sigma, steps)], 1e-5, "rdp") <= target
+    if sigma > max(floor, 1e-3):  # not the floor: 1 % less noise would not fit
+        assert epsilon([*history, Segment(q, sigma / 1.01, steps)], 1e-5, "rdp") > target
+    assert found["bisect"] / 1.01 <= sigma <= found["bisect"] * 1.01
+
+
 @pytest.mark.parametrize(
     "segments",
     [
