@@ -10,9 +10,11 @@ from flwr.clientapp import ClientApp
 from client.evaluate import run_site_evaluation
 from client.round import run_site_round
 from client.trusted_code import GUARDED_NODE
+from common.logs import quiet_known_warnings
 from common.protocol import EvalReply, EvalRequest, RoundProposal
 from common.run_config import RunConfig
 
+quiet_known_warnings()  # in every ClientApp process and Ray worker (common/logs.py says why each is safe)
 app = ClientApp()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.logs import quiet_known_warnings
 from common.run_config import RunConfig
 from server.evaluation import run_evaluation
 from server.federation import run_federation, save_final_model
@@ -18,6 +19,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    quiet_known_warnings()
     logging.basicConfig(level=logging.INFO, format="[fedmri] %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # else every SuperLink poll is logged
     run = RunConfig.from_flower(dict(context.run_config))

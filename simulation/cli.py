@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,8 @@ from common.cli_helpers import (
     console,
     device_or_exit,
 )
+from common.logs import VERBOSE, quiet_known_warnings
+from common.protocol import read_records
 from common.run_config import RunConfig
 from server import cli as server_cli
 from simulation import cli_evaluate
@@ -33,6 +36,25 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 federation = typer.Typer(rich_markup_mode="markdown")  # this module's commands
+
+
+@app.callback()
+def _quiet_unless_verbose(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Show every third-party warning and Flower's log in the terminal. Without it, the warnings "
+            "fedmri has understood are hidden (common/logs.py says why each is safe) and Flower's log goes to "
+            "the run directory's flower.log.",
+        ),
+    ] = False,
+) -> None:
+    if verbose:
+        os.environ[VERBOSE] = "1"  # inherited by Ray's workers and Flower's ClientApp processes
+    quiet_known_warnings()
+
+
 _DEFAULTS = RunConfig()  # the federation's defaults: `simulate` and `demo` take theirs from here
 
 # The demo is a short run on 2 CPU cores: per sampled subject it averages fewer slices and noise
@@ -85,7 +107,6 @@ def simulate(
     Uses the same ServerApp and ClientApp as a real deployment; each site trains with
     patient-level DP-SGD under its own privacy policy and ledger.
     """
-    import json
     import time
 
     from simulation.engine import run_simulation
@@ -121,15 +142,11 @@ def simulate(
     console.print(f"simulating {len(yaml_paths)} sites x {rounds} rounds ({mode}, {strategy}) -> {out}")
     start = time.perf_counter()
     run_simulation(run, len(yaml_paths))
-    records = (
-        [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        if (out / "metrics.jsonl").exists()
-        else []
-    )
-    if not records or records[-1]["round"] != rounds or not (out / "model" / "fedmri.json").exists():
+    records = read_records((out / "metrics.jsonl").read_text()) if (out / "metrics.jsonl").exists() else []
+    if not records or records[-1].round != rounds or not (out / "model" / "fedmri.json").exists():
         console.print(f"[red]error:[/red] the simulation did not complete {rounds} rounds; see the log above")
         raise typer.Exit(1)
-    if sum(r["accepted"] for r in records) == 0:
+    if sum(r.accepted for r in records) == 0:
         console.print("[red]error:[/red] no site update was aggregated in any round; see the log above")
         raise typer.Exit(1)
     keys = _collect_site_keys(yaml_paths, out / "keys")
@@ -227,13 +244,14 @@ def demo(
         model_cli.generate(out=grid_out, model=model, grid=True, field_strength=0.3)
     change = _release_vs_base(grid_dir, base_grid_dir, out / "release_vs_base.json")
     manifest = json.loads((release_dir / "privacy.json").read_text())
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    table = Table(title=f"fedmri demo: {last['round']} rounds in {time.perf_counter() - start:.0f} s")
+    last = read_records((run_dir / "metrics.jsonl").read_text())[-1]
+    table = Table(title=f"fedmri demo: {last.round} rounds in {time.perf_counter() - start:.0f} s")
     for column in ("site", "subjects", "ε (PLD)", "ε (RDP)", "δ", "DP steps", "last σ"):
         table.add_column(column)
     for site in manifest["sites"]:
         steps = sum(s["steps"] for s in site["segments"])
-        sigma = last["sites"].get(site["site_id"], {}).get("noise-multiplier", float("nan"))
+        reply = last.sites.get(site["site_id"])
+        sigma = reply.metrics.get("noise-multiplier", float("nan")) if reply else float("nan")
         table.add_row(site["site_id"], str(site["num_subjects"]), f"{site['epsilon']:.2f}", f"{site['epsilon_rdp']:.2f}",
                       f"{site['delta']:.0e}", str(steps), f"{sigma:.2f}")  # fmt: skip
     console.print(table)

@@ -41,7 +41,11 @@ def run_simulation(run: RunConfig, num_sites: int, cpus_per_client: float = 1.0)
     from flwr.supercore.telemetry import EventType
 
     from client.app import app as client_app
+    from common.logs import flower_to_file, quiet_known_warnings, verbose
     from server.app import app as server_app
+
+    quiet_known_warnings()
+    flower_to_file(Path(run.run_dir))
 
     overrides = run.to_flower()
     fused = get_fused_config_from_dir(PROJECT_DIR, overrides)
@@ -63,6 +67,7 @@ def run_simulation(run: RunConfig, num_sites: int, cpus_per_client: float = 1.0)
         app_dir=str(PROJECT_DIR),
         run=flower_run,
         is_app=True,  # clients fuse the run config from app_dir, as under `flwr run`
+        verbose_logging=verbose(),
     )
 
 
