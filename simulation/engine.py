@@ -57,18 +57,42 @@ def run_simulation(run: RunConfig, num_sites: int, cpus_per_client: float = 1.0)
     flower_run.override_config = overrides
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
-    _run_simulation(
-        num_supernodes=num_sites,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_config=backend_config(num_sites, cpus_per_client, gpus_for(run), os.cpu_count() or 1),
-        server_app_context=context,
-        app_dir=str(PROJECT_DIR),
-        run=flower_run,
-        is_app=True,  # clients fuse the run config from app_dir, as under `flwr run`
-        verbose_logging=verbose(),
-    )
+    backend = backend_config(num_sites, cpus_per_client, gpus_for(run), os.cpu_count() or 1)
+    if not verbose():  # the ClientApps' output goes to run-dir/ray-workers/, not the terminal
+        backend["init_args"]["log_to_driver"] = False
+    try:
+        _run_simulation(
+            num_supernodes=num_sites,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend,
+            server_app_context=context,
+            app_dir=str(PROJECT_DIR),
+            run=flower_run,
+            is_app=True,  # clients fuse the run config from app_dir, as under `flwr run`
+            verbose_logging=verbose(),
+        )
+    finally:
+        if not verbose():
+            keep_worker_logs(Path(run.run_dir))
+
+
+def keep_worker_logs(run_dir: Path) -> Path:
+    """Copy what the ClientApps (Ray workers) printed, from Ray's session folder into run_dir/ray-workers/."""
+    import shutil
+    import tempfile
+
+    session = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "session_latest" / "logs"
+    out = run_dir / "ray-workers"
+    out.mkdir(parents=True, exist_ok=True)
+    if not session.is_dir():
+        print(f"[fedmri] Ray's session logs were not found at {session}; the ClientApps' output is not kept")
+        return out
+    for path in session.glob("worker-*"):
+        if path.suffix in (".out", ".err") and path.stat().st_size:
+            shutil.copy(path, out / path.name)
+    return out
 
 
 def gpus_for(run: RunConfig) -> int:

@@ -21,6 +21,11 @@ def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Pa
             "--batch-size", "2", "--base-model", str(tiny_base), "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    # Quiet: no ClientApp output and no Flower log lines in the terminal; both are in the run directory.
+    assert "(ClientAppActor" not in result.output and "configure_train" not in result.output, result.output
+    assert (out / "flower.log").read_text().count("configure_train: Sampled 2 nodes") == 2
+    workers = " ".join(p.read_text() for p in (out / "ray-workers").iterdir())
+    assert workers.count("created a signing key for this site") == 2, workers[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     assert all(r["accepted"] == 2 for r in records)
