@@ -145,6 +145,12 @@ def _check_keys(record: Mapping[str, object], known: set[str], where: str) -> No
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected only {sorted(known)}")
 
 
+def _check_flat(record: Mapping[str, object], kind: type, where: str) -> None:
+    """A record that holds one key per field of the dataclass `kind`, plus the protocol version."""
+    _check_version(record, where)
+    _check_keys(record, {"protocol-version", *(_record_name(f.name) for f in fields(kind))}, where)
+
+
 def _json_object(text: object, where: str) -> dict[str, JSON]:
     if not isinstance(text, str):
         raise ValueError(f"{where} must be a JSON string, got {type(text).__name__}")
@@ -187,8 +193,7 @@ class RoundProposal:
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> RoundProposal:
         where = "the server's round proposal"
-        _check_version(record, where)
-        _check_keys(record, {"protocol-version", *(_record_name(f.name) for f in fields(cls))}, where)
+        _check_flat(record, cls, where)
         heads = _json_object(_str(record, "ledger-heads", where), f"{where}: 'ledger-heads'")
         if not all(isinstance(v, str) for v in heads.values()):
             raise ValueError(f"{where}: 'ledger-heads' must map site ids to hashes")
@@ -370,8 +375,7 @@ class EvalRequest:
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> EvalRequest:
         where = "the server's evaluation request"
-        _check_version(record, where)
-        _check_keys(record, {"protocol-version", *(_record_name(f.name) for f in fields(cls))}, where)
+        _check_flat(record, cls, where)
         configs = _json_object(_str(record, "model-configs", where), f"{where}: 'model-configs'")
         values: dict[str, object] = {"model_configs": {k: str(v) for k, v in configs.items()}}
         for f in fields(cls):

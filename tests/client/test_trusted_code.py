@@ -26,16 +26,7 @@ clientapp = "client.app:app"
 default = "local"
 """
 # What Flower puts in the bundle: the same TOML, rewritten, without [tool.flwr.federations].
-BUNDLED_PYPROJECT = """[project]
-name = "fedmri"
-version = "0.1.0"
-
-[tool.flwr.app]
-publisher = "fedmri"
-
-[tool.flwr.app.components]
-clientapp = "client.app:app"
-"""
+BUNDLED_PYPROJECT = PYPROJECT.split("\n\n[tool.flwr.federations]")[0] + "\n"
 FILES = {
     "client/__init__.py": "",
     "client/policy.py": "MIN_NOISE_MULTIPLIER = 0.5\n",
