@@ -377,9 +377,7 @@ def simulate_sites(yaml_paths: list[Path], rounds: int, steps: int, batch: int, 
     for record in records:
         failed = {site: v.status.value for site, v in record.sites.items() if v.status != Status.TRAINED}
         if failed or record.accepted != len(yaml_paths):
-            raise RuntimeError(
-                f"round {record.round}: not every site trained, so its time is not comparable: {failed}"
-            )
+            raise RuntimeError(f"round {record.round}: not every site trained, so its time is not comparable: {failed}")
     return {"records": records, "peak_rss_mib": round(peak / 1024, 1), "wall_s": round(wall, 1)}
 
 
@@ -444,6 +442,73 @@ def federation_overhead(work: Path, steps: int, batch: int, subjects: int = 12) 
         "local_steps": steps,
         "batch_size": batch,
     }
+
+
+def calibration_search(accountant: str, subjects: int = 96) -> dict:
+    """σ calibration for a first round, by both searches of common.privacy.calibrate_noise.
+
+    The plan is the demo's hospital-a under the run config's defaults: q = batch / N, every
+    planned round's steps, the site policy's default ε, δ and σ floor.
+    """
+    from common.privacy import calibrate_noise
+    from common.run_config import RunConfig
+    from sites.config import PrivacyPolicy
+
+    run, policy = RunConfig(), PrivacyPolicy()
+    q, steps = run.batch_size / subjects, run.local_steps * run.num_server_rounds
+    out: dict = {"sample_rate": round(q, 4), "steps": steps, "epsilon": policy.max_epsilon, "accountant": accountant}
+    for search in ("bisect", "secant"):
+        start = time.perf_counter()
+        sigma = calibrate_noise([], q, steps, 1e-5, policy.max_epsilon, policy.min_noise_multiplier,
+                                accountant=accountant, search=search)  # fmt: skip
+        out[search] = {"sigma": sigma, "wall_s": round(time.perf_counter() - start, 2)}
+    out["bisect_over_secant"] = round(out["bisect"]["wall_s"] / out["secant"]["wall_s"], 2)
+    return out
+
+
+def _round_worker(yaml_path: str, server_round: int, rounds: int, steps: int, batch: int) -> None:
+    """One site round in this fresh process, as a deployed SuperNode runs each message."""
+    start = time.perf_counter()
+    from client.round import run_site_round, site_data
+    from common.finetune import FinetuneMode, configure, trainable_tensors
+    from common.model import load_ldm
+    from common.protocol import RoundProposal
+    from common.weights import base_model_dir
+
+    imports = time.perf_counter() - start
+    base = load_ldm(base_model_dir())  # the bench's stand-in for the tensors the server sends
+    configure(base.denoiser, FinetuneMode.attention, 4)
+    tensors = trainable_tensors(base.denoiser)
+    began = time.perf_counter()
+    site_data(yaml_path)
+    data = time.perf_counter() - began
+    began = time.perf_counter()
+    proposal = RoundProposal(server_round, rounds, steps, batch, 1e-4, 1, 1, "shipped", FinetuneMode.attention, 4)
+    result = run_site_round(yaml_path, 1, proposal, tensors)
+    report = {"imports_s": imports, "site_data_s": data, "site_round_s": time.perf_counter() - began}
+    print(json.dumps({**{k: round(v, 2) for k, v in report.items()}, "status": result.reply.status.value}))
+
+
+def fresh_process_rounds(work: Path, rounds: int, steps: int, batch: int, subjects: int) -> dict:
+    """Rounds 1..`rounds` of one run at one site, each in a fresh process (Flower 1.41's ClientApp
+    isolation): what a deployed round costs besides its DP-SGD steps, and what round 2 saves
+    (the σ of round 1 is kept in the ledger and checked first: one accountant run, no search)."""
+    (yaml_path,) = bench_sites(work / "fresh", 1, subjects)
+    out: dict = {"local_steps": steps, "batch_size": batch}
+    for server_round in range(1, rounds + 1):
+        command = [sys.executable, "-m", "simulation.bench", "--worker", "round", "--sites", str(yaml_path),
+                   "--rounds", str(rounds), "--round", str(server_round), "--steps", str(steps),
+                   "--batch", str(batch)]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"the fresh-process round {server_round} failed:\n{done.stderr[-3000:]}")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        if report["status"] != "trained":
+            raise RuntimeError(f"the fresh-process round {server_round} did not train: {report}")
+        out[str(server_round)] = {"process_wall_s": round(wall, 2), **report}
+    return out
 
 
 def scale(work: Path, counts: tuple[int, ...], subjects: int, steps: int, batch: int) -> dict:
@@ -517,10 +582,12 @@ class BenchSizes:
     multiplicity_repeats: int = 5
     signal_subjects: int = 12
     signal_repeats: int = 3
+    fresh_rounds: int = 2
+    calibration_accountant: str = "prv"  # the site policy's default
 
     @classmethod
     def quick(cls) -> BenchSizes:
-        return cls(8, 3, ("attention",), 5, 2, 1000, (5,), 4, 1, 3, 12, 2)
+        return cls(8, 3, ("attention",), 5, 2, 1000, (5,), 4, 1, 3, 12, 2, 2, "prv")
 
 
 def run_bench(
@@ -572,6 +639,11 @@ def run_bench(
     result["federation_overhead"] = stage(
         "federation_overhead", lambda: federation_overhead(work, sizes.overhead_steps, 4, sizes.scale_subjects)
     )
+    result["calibration"] = stage("calibration", lambda: calibration_search(sizes.calibration_accountant))
+    result["fresh_process_rounds"] = stage(
+        "fresh_process_rounds",
+        lambda: fresh_process_rounds(work, sizes.fresh_rounds, sizes.scale_steps, 4, sizes.scale_subjects),
+    )
     result["sampler_speedup"] = stage(
         "sampler_speedup", lambda: sampler_speedup(sizes.sampler_samples, ddpm_steps=sizes.ddpm_steps)
     )
@@ -585,17 +657,20 @@ def run_bench(
 
 def _main() -> None:
     parser = argparse.ArgumentParser(description="fedmri bench worker processes (use `fedmri bench`).")
-    parser.add_argument("--worker", choices=("memory", "simulate"), required=True)
+    parser.add_argument("--worker", choices=("memory", "simulate", "round"), required=True)
     parser.add_argument("--mode", default="attention")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--dp", action="store_true")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--sites", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.worker == "memory":
         _memory_worker(args.mode, args.batch, args.dp, args.steps)
+    elif args.worker == "round":
+        _round_worker(args.sites, args.round, args.rounds, args.steps, args.batch)
     else:
         _simulate_worker(args.sites, args.rounds, args.steps, args.batch, args.out)
 

@@ -111,7 +111,9 @@ def evaluate(
 
 @app.command(rich_help_panel=EVALUATE_PANEL)
 def bench(
-    quick: Annotated[bool, typer.Option(help="Fewer repeats, steps and sites: about 2.5 minutes on 2 cores.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Fewer repeats, steps and sites (docs/bench.md gives its last measured time).")
+    ] = False,
     work_dir: Annotated[
         Path | None,
         typer.Option(
@@ -123,9 +125,12 @@ def bench(
 ) -> None:
     """Measure speed, memory, upload size and scale in one run; print one JSON object on stdout.
 
-    Keys: dp_step_over_plain_step (per mode, with peak memory), upload_bytes_per_round,
-    federation_overhead, sampler_speedup, scale (5/20/50 many-small sites; 5 with --quick),
-    machine. Every figure is a ratio or a measurement within this run, same model and batch.
+    Keys: dp_step_over_plain_step (per mode, with peak memory),
+    dp_step_over_plain_step_with_multiplicity, multiplicity_signal, upload_bytes_per_round,
+    federation_overhead, calibration (σ search: bisection against the secant search sites use),
+    fresh_process_rounds (a deployed round's cost besides its steps, rounds 1 and 2),
+    sampler_speedup, scale (5/20/50 many-small sites; 5 with --quick), machine, stage_wall_s.
+    Every figure is a ratio or a measurement within this run, same model and batch.
     Progress goes to stderr, so `fedmri bench --quick > bench.json` keeps the JSON clean.
     """
     import contextlib

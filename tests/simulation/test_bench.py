@@ -12,14 +12,15 @@ from simulation import bench
 from simulation.cli import app
 
 KEYS = ("dp_step_over_plain_step", "dp_step_over_plain_step_with_multiplicity", "multiplicity_signal",
-        "upload_bytes_per_round", "federation_overhead", "sampler_speedup", "scale",
-        "machine")  # fmt: skip
+        "upload_bytes_per_round", "federation_overhead", "calibration", "fresh_process_rounds", "sampler_speedup",
+        "scale", "machine")  # fmt: skip
 
 
 def test_bench_measures_every_key_at_smoke_sizes(tmp_path: Path) -> None:
     sizes = bench.BenchSizes(batch=2, step_repeats=1, memory_modes=("lora",), overhead_steps=1, sampler_samples=1,
                              ddpm_steps=10, scale_counts=(2,), scale_subjects=3, scale_steps=1, multiplicity_repeats=1,
-                             signal_subjects=3, signal_repeats=1)  # fmt: skip
+                             signal_subjects=3, signal_repeats=1, fresh_rounds=1,
+                             calibration_accountant="rdp")  # fmt: skip
     result = json.loads(json.dumps(bench.run_bench(sizes, tmp_path, progress=lambda _: None)))
     assert all(key in result for key in KEYS)
     steps = result["dp_step_over_plain_step"]
@@ -42,6 +43,13 @@ def test_bench_measures_every_key_at_smoke_sizes(tmp_path: Path) -> None:
     assert uploads["lora"]["full_over_mode"] >= 50  # the lora target holds by construction of rank-4 adapters
     overhead = result["federation_overhead"]
     assert overhead["simulated_round_s"] > 0 and overhead["standalone_round_s"] > 0
+    calibration = result["calibration"]
+    assert (
+        calibration["bisect"]["sigma"] / 1.01 <= calibration["secant"]["sigma"] <= calibration["bisect"]["sigma"] * 1.01
+    )
+    fresh = result["fresh_process_rounds"]["1"]
+    assert fresh["status"] == "trained" and fresh["imports_s"] > 0 and fresh["site_round_s"] > 0
+    assert fresh["process_wall_s"] > fresh["imports_s"] + fresh["site_data_s"] + fresh["site_round_s"]
     sampler = result["sampler_speedup"]
     assert sampler["ddpm"]["steps"] == 10 and 0 <= sampler["dpm++"]["modality_adherence"] <= 1
     assert result["scale"]["2"]["accepted"] == 2 and result["scale"]["2"]["peak_rss_mib"] > 100
