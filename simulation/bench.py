@@ -392,19 +392,25 @@ def _simulate_worker(sites: str, rounds: int, steps: int, batch: int, out: Path)
     run_simulation(run, len(sites.split(",")))
 
 
-def bench_sites(work: Path, count: int, subjects: int) -> list[Path]:
-    """`count` many-small sites with `subjects` subjects each, under work/sites-<subjects>."""
+def bench_sites(work: Path, count: int, subjects: int, budget: bool = False) -> list[Path]:
+    """`count` many-small sites with `subjects` subjects each, under work/sites-<subjects>.
+
+    The bench measures speed, so no budget stops these sites (ε ≤ 1e6), unless `budget`: then
+    they keep the scenario's policy (ε ≤ 8), and a round calibrates σ as a hospital's does.
+    """
     import dataclasses
 
     from sites import scenarios
     from sites.cli import make_scenario_sites
 
     hospitals = scenarios.create("many-small").hospitals[:count]
-    hospitals = [
-        dataclasses.replace(h, privacy=dataclasses.replace(h.privacy, max_epsilon=1e6, max_local_steps=10_000))
-        for h in hospitals
-    ]  # the bench measures speed: no budget should stop a site
-    return make_scenario_sites(hospitals, work / f"sites-{subjects}", contact_sheets=False, subjects=subjects)
+    if not budget:
+        hospitals = [
+            dataclasses.replace(h, privacy=dataclasses.replace(h.privacy, max_epsilon=1e6, max_local_steps=10_000))
+            for h in hospitals
+        ]
+    folder = work / f"sites-{subjects}{'-budget' if budget else ''}"
+    return make_scenario_sites(hospitals, folder, contact_sheets=False, subjects=subjects)
 
 
 def federation_overhead(work: Path, steps: int, batch: int, subjects: int = 12) -> dict:
@@ -483,17 +489,18 @@ def _round_worker(yaml_path: str, server_round: int, rounds: int, steps: int, ba
     site_data(yaml_path)
     data = time.perf_counter() - began
     began = time.perf_counter()
-    proposal = RoundProposal(server_round, rounds, steps, batch, 1e-4, 1, 1, "shipped", FinetuneMode.attention, 4)
-    result = run_site_round(yaml_path, 1, proposal, tensors)
+    proposal = RoundProposal(server_round, rounds + 1, steps, batch, 1e-4, 1, 1, "shipped", FinetuneMode.attention, 4)
+    result = run_site_round(yaml_path, 1, proposal, tensors)  # planned: one more round than measured
     report = {"imports_s": imports, "site_data_s": data, "site_round_s": time.perf_counter() - began}
     print(json.dumps({**{k: round(v, 2) for k, v in report.items()}, "status": result.reply.status.value}))
 
 
 def fresh_process_rounds(work: Path, rounds: int, steps: int, batch: int, subjects: int) -> dict:
     """Rounds 1..`rounds` of one run at one site, each in a fresh process (Flower 1.41's ClientApp
-    isolation): what a deployed round costs besides its DP-SGD steps, and what round 2 saves
-    (the σ of round 1 is kept in the ledger and checked first: one accountant run, no search)."""
-    (yaml_path,) = bench_sites(work / "fresh", 1, subjects)
+    isolation), at a site with the scenario's budget: what a deployed round costs besides its
+    DP-SGD steps, and what round 2 saves (round 1's σ is in the ledger and is checked first: one
+    accountant run instead of a search)."""
+    (yaml_path,) = bench_sites(work, 1, subjects, budget=True)
     out: dict = {"local_steps": steps, "batch_size": batch}
     for server_round in range(1, rounds + 1):
         command = [sys.executable, "-m", "simulation.bench", "--worker", "round", "--sites", str(yaml_path),
@@ -583,11 +590,13 @@ class BenchSizes:
     signal_subjects: int = 12
     signal_repeats: int = 3
     fresh_rounds: int = 2
+    fresh_subjects: int = 40  # with the policy's minimum batch 8: q = 8 / 32, as at a small hospital
+    fresh_steps: int = 20
     calibration_accountant: str = "prv"  # the site policy's default
 
     @classmethod
     def quick(cls) -> BenchSizes:
-        return cls(8, 3, ("attention",), 5, 2, 1000, (5,), 4, 1, 3, 12, 2, 2, "prv")
+        return cls(8, 3, ("attention",), 5, 2, 1000, (5,), 4, 1, 3, 12, 2, 2, 40, 5, "prv")
 
 
 def run_bench(
@@ -642,7 +651,7 @@ def run_bench(
     result["calibration"] = stage("calibration", lambda: calibration_search(sizes.calibration_accountant))
     result["fresh_process_rounds"] = stage(
         "fresh_process_rounds",
-        lambda: fresh_process_rounds(work, sizes.fresh_rounds, sizes.scale_steps, 4, sizes.scale_subjects),
+        lambda: fresh_process_rounds(work, sizes.fresh_rounds, sizes.fresh_steps, 8, sizes.fresh_subjects),
     )
     result["sampler_speedup"] = stage(
         "sampler_speedup", lambda: sampler_speedup(sizes.sampler_samples, ddpm_steps=sizes.ddpm_steps)
