@@ -16,6 +16,7 @@ KEYS = ("dp_step_over_plain_step", "dp_step_over_plain_step_with_multiplicity", 
         "scale", "machine")  # fmt: skip
 
 
+@pytest.mark.slow  # real processes (Ray, fresh Python workers)
 def test_bench_measures_every_key_at_smoke_sizes(tmp_path: Path) -> None:
     sizes = bench.BenchSizes(batch=2, step_repeats=1, memory_modes=("lora",), overhead_steps=1, sampler_samples=1,
                              ddpm_steps=10, scale_counts=(2,), scale_subjects=3, scale_steps=1, multiplicity_repeats=1,

@@ -14,6 +14,7 @@ from common.release import directory_digest
 from simulation.cli import app
 
 
+@pytest.mark.slow  # real processes (Ray, fresh Python workers)
 def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of) -> None:
     tiny_sites = private_sites
     out = tmp_path / "run"
@@ -119,6 +120,7 @@ def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Pa
     assert rerun.exit_code == 2 and "already holds a run" in " ".join(rerun.output.split())
 
 
+@pytest.mark.slow  # real processes (Ray, fresh Python workers)
 def test_a_killed_server_resumes_after_its_last_completed_round(
     private_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of
 ) -> None:
