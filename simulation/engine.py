@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -10,14 +11,23 @@ from common.run_config import RunConfig
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml: the Flower App
 
 
+def concurrent_actors(num_sites: int, cores: int) -> int:
+    """How many ClientApp actors run at once: the fewest that finish a round of equal site jobs
+    soonest. On `a` actors a round takes ceil(n / a) jobs each, every job slowed by a / cores
+    when actors outnumber cores; at most 2 x cores actors, since each holds torch and a model
+    (memory grows with actors, not with sites: fedmri bench, scale). 3 sites on 2 cores: 3
+    actors (1.5 job-times a round, not 2); 2, 4 or 50 sites on 2 cores: 2."""
+    candidates = range(1, max(1, min(num_sites, 2 * cores)) + 1)
+    return min(candidates, key=lambda a: (math.ceil(num_sites / a) * max(1.0, a / cores), a))
+
+
 def backend_config(num_sites: int, cpus_per_client: float, gpus: int, cores: int) -> dict:
-    """Ray resources: as many concurrent ClientApp actors as there are cores (each loads torch and a
-    model), so 50 sites on 2 cores run 2 at a time, not 50 processes at once (fedmri bench: scale).
-    With `gpus` GPUs, each concurrent actor gets an equal share of them (num_gpus)."""
-    concurrent = max(1, int(min(num_sites, cores) * cpus_per_client))
+    """Ray resources for `concurrent_actors` actors at once. With `gpus` GPUs, each concurrent
+    actor gets an equal share of them (num_gpus)."""
+    actors = concurrent_actors(num_sites, cores)
     return {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus / concurrent if gpus else 0.0},
-        "init_args": {"num_cpus": concurrent, **({"num_gpus": gpus} if gpus else {})},
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus / actors if gpus else 0.0},
+        "init_args": {"num_cpus": max(1, int(actors * cpus_per_client)), **({"num_gpus": gpus} if gpus else {})},
     }
 
 

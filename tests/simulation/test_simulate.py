@@ -186,10 +186,18 @@ def test_a_killed_server_resumes_after_its_last_completed_round(
         assert site["segments"] == spent and site["entries"] == ledger["entries"]
 
 
+def test_actors_finish_a_round_soonest_without_growing_with_the_sites() -> None:
+    from simulation.engine import concurrent_actors
+
+    # 3 sites on 2 cores: three at once (1.5 job-times per round) beats two then one (2).
+    assert [concurrent_actors(n, 2) for n in (1, 2, 3, 4, 5, 20, 50)] == [1, 2, 3, 2, 2, 2, 2]
+    assert concurrent_actors(3, 16) == 3 and concurrent_actors(100, 16) == 20  # 5 rounds of 20 at 1.25x, not 7 of 16
+
+
 def test_ray_gives_each_concurrent_client_an_equal_gpu_share() -> None:
     from simulation.engine import backend_config
 
-    cpu_only = backend_config(num_sites=3, cpus_per_client=1.0, gpus=0, cores=2)
+    cpu_only = backend_config(num_sites=2, cpus_per_client=1.0, gpus=0, cores=2)
     assert cpu_only == {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
     gpu = backend_config(num_sites=3, cpus_per_client=1.0, gpus=1, cores=16)
     assert gpu["client_resources"]["num_gpus"] == pytest.approx(1 / 3)  # 3 sites at once on one GPU
