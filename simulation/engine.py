@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from common.run_config import RunConfig
@@ -68,6 +70,10 @@ def run_simulation(run: RunConfig, num_sites: int, cpus_per_client: float = 1.0)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
     backend = backend_config(num_sites, cpus_per_client, gpus_for(run), os.cpu_count() or 1)
+    # Ray's session folder for this run alone (short: Ray's sockets live there), so that the
+    # ClientApps' logs kept below are this run's even when another simulation runs beside it.
+    ray_dir = Path(tempfile.mkdtemp(prefix="fedmri-ray-", dir="/tmp"))
+    backend["init_args"]["_temp_dir"] = str(ray_dir)
     if not verbose():  # the ClientApps' output goes to run-dir/ray-workers/, not the terminal
         backend["init_args"]["log_to_driver"] = False
     try:
@@ -85,15 +91,13 @@ def run_simulation(run: RunConfig, num_sites: int, cpus_per_client: float = 1.0)
         )
     finally:
         if not verbose():
-            keep_worker_logs(Path(run.run_dir))
+            keep_worker_logs(ray_dir, Path(run.run_dir))
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-def keep_worker_logs(run_dir: Path) -> Path:
-    """Copy what the ClientApps (Ray workers) printed, from Ray's session folder into run_dir/ray-workers/."""
-    import shutil
-    import tempfile
-
-    session = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "session_latest" / "logs"
+def keep_worker_logs(ray_dir: Path, run_dir: Path) -> Path:
+    """Copy what the ClientApps (Ray workers) printed, from the run's Ray session into run_dir/ray-workers/."""
+    session = ray_dir / "session_latest" / "logs"
     out = run_dir / "ray-workers"
     out.mkdir(parents=True, exist_ok=True)
     if not session.is_dir():
