@@ -13,8 +13,7 @@ wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] || [ ! -x .venv/bin/fedmri ]; then
   echo "setup: installing fedmri and its pinned dependencies into .venv (log: .venv/install.log)"
   # torch is pinned to 2.13.0 (CPU build); see docs/gpu.md for CUDA.
-  # --no-compile: Python compiles what it imports on first use, not all of torch up front.
-  if ! .venv/bin/pip install --no-compile -e '.[dev]' > .venv/install.log 2>&1; then
+  if ! .venv/bin/pip install -e '.[dev]' > .venv/install.log 2>&1; then
     tail -n 40 .venv/install.log
     echo "setup: the install failed; the whole log is .venv/install.log" >&2
     exit 1

@@ -11,10 +11,6 @@ import pytest
 # Site homes that a YAML does not name go under $FEDMRI_HOME: never the developer's ~/.fedmri.
 # Set at import, so that every subprocess a test starts (Flower, Ray, the CLI) inherits it.
 os.environ["FEDMRI_HOME"] = tempfile.mkdtemp(prefix="fedmri-home-")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh runs two workers on the cores: one torch thread each
-    import torch
-
-    torch.set_num_threads(1)
 
 from sites import scenarios
 from sites.cli import make_scenario_sites
