@@ -67,6 +67,10 @@ class _Drop(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+class _RunLog(logging.FileHandler):
+    """The run directory's flower.log (one at a time: a new run's replaces the previous run's)."""
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE, "") not in ("", "0")
 
@@ -91,11 +95,13 @@ def flower_to_file(run_dir: Path) -> Path:
     path = run_dir / "flower.log"
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("flwr")
-    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in logger.handlers):
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler.setLevel(logging.DEBUG)
-        logger.addHandler(handler)
+    for previous in [h for h in logger.handlers if isinstance(h, _RunLog)]:  # an earlier run's, in this process
+        logger.removeHandler(previous)
+        previous.close()
+    handler = _RunLog(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     if not verbose():
         logger.propagate = False  # the root logger's handlers would print it again

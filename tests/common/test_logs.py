@@ -74,6 +74,11 @@ def test_flowers_log_goes_to_the_run_directory(monkeypatch: pytest.MonkeyPatch, 
         for handler in logger.handlers:
             handler.flush()
         assert "Constructed ActorPool" in path.read_text()
+        second = flower_to_file(tmp_path / "second-run")  # a second run in the same process
+        logger.debug("Terminated RayBackend")
+        for handler in logger.handlers:
+            handler.flush()
+        assert "Terminated RayBackend" in second.read_text() and "Terminated" not in path.read_text()
         consoles = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
         assert all(h.level >= logging.ERROR for h in consoles) and not logger.propagate
     finally:
