@@ -26,7 +26,10 @@ def test_epsilon_never_drops_when_steps_are_added(q: float, sigma: float, steps:
 @given(q=RATES, low=SIGMAS, high=SIGMAS, steps=st.integers(1, 200))
 def test_more_noise_never_costs_more(q: float, low: float, high: float, steps: int) -> None:
     low, high = sorted((low, high))
-    assert epsilon([Segment(q, high, steps)], 1e-5, "rdp") <= epsilon([Segment(q, low, steps)], 1e-5, "rdp")
+    # Up to float rounding: σ one ulp apart can give ε in the wrong order in the 13th digit.
+    assert epsilon([Segment(q, high, steps)], 1e-5, "rdp") <= epsilon([Segment(q, low, steps)], 1e-5, "rdp") * (
+        1 + 1e-12
+    )
 
 
 @settings(max_examples=4, deadline=None)
