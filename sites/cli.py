@@ -159,6 +159,72 @@ def summary(
         raise typer.Exit(2) from None
 
 
+@app.command("import")
+def import_(
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            metavar="DATASET", help="ixi, brats (2021 or 2023 naming), fets, oasis3, fastmri-brain or m4raw."
+        ),
+    ],
+    src: Annotated[
+        Path, typer.Argument(metavar="SRC", help="The dataset as downloaded and extracted (never modified).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder that receives one BIDS site and one site YAML per hospital.")
+    ],
+    copy: Annotated[
+        bool,
+        typer.Option(
+            "--copy/--link",
+            help="Copy the dataset's NIfTI files into the sites, or link to them (symlinks, the default). "
+            "HDF5 datasets are always converted to NIfTI and written.",
+        ),
+    ] = False,
+    assume: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--assume",
+            metavar="KEY=VALUE",
+            help="State a value the dataset does not give: field=TESLA (or field=unknown to leave it out), "
+            "pathology=LABEL. Recorded in the sidecars and the site's README. Repeatable.",
+        ),
+    ] = None,
+    partitioning: Annotated[
+        Path | None, typer.Option(help="fets: the partitioning CSV (default: SRC/partitioning_1.csv).")
+    ] = None,
+    clinical: Annotated[
+        Path | None, typer.Option(help="oasis3: the CDR spreadsheet OASIS3_UDSb4_cdr.csv (default: found under SRC).")
+    ] = None,
+) -> None:
+    """Write a public MRI dataset as fedmri sites: one BIDS folder and one site YAML per hospital.
+
+    DATASET is ixi, brats, fets, oasis3, fastmri-brain or m4raw; SRC is the extracted download.
+    Sidecars hold only what the dataset states (field strength from its scanner table or
+    ISMRMRD header, TR/TE/TI in seconds where known); pathology comes from its own labels. A
+    value it does not state is an error until you state it with `--assume`. HDF5 datasets
+    (fastmri-brain, m4raw) are imported from their stored magnitude image, `reconstruction_rss`.
+    Each site's README says how every value was obtained and what was left out, and why.
+    Layouts, licences and recipes: docs/datasets.md.
+    """
+    from sites.importers import import_dataset
+    from sites.importers.site_writer import DatasetImportError, Options, parse_assumptions
+
+    command = " ".join(
+        ["fedmri sites import", dataset, str(src), "--out", str(out)] + [f"--assume {a}" for a in assume or []]
+    )
+    try:
+        options = Options(out, copy, parse_assumptions(assume or []))
+        mode = "copied" if copy else "linked (symlinks to SRC)"
+        console.print(f"importing {dataset} from {src} into {out}; NIfTI data {mode}")
+        paths = import_dataset(dataset, src, options, command, console.print, partitioning, clinical)
+    except DatasetImportError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {len(paths)} sites: {', '.join(str(p) for p in paths)}")
+    console.print(f"check them as their clients will read them: fedmri sites summary {out}")
+
+
 @app.command("reset-ledger")
 def reset_ledger(
     site_yaml: Annotated[Path, typer.Argument(metavar="SITE_YAML", help="The site's YAML file.")],
