@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.conditions import CONDITION_VECTOR, Modality, Pathology
+from common.conditions import Modality, Pathology
 from common.evaluator import HEADS, Evaluator, field_class
 from common.metrics import (
     adherence,
@@ -37,7 +37,7 @@ from common.metrics import (
 from common.model import LDM
 from common.protocol import EvalRequest, Status
 from common.sampling import sample
-from sites.bids import SiteSlices
+from sites.bids import OTHER, SiteSlices
 
 # The only per-condition figures that leave a site; each is an aggregate over >= min_subjects people.
 CONDITION_KEYS = (
@@ -49,7 +49,7 @@ UTILITY_KEYS = ("utility_k", "utility_synthetic_per_class", "utility_real_only",
 
 def conditions_of(slices: SiteSlices, rows: np.ndarray) -> torch.Tensor:
     """The condition vectors [n, 7] (CONDITION_VECTOR layout) of the given slices."""
-    return torch.tensor(np.stack([getattr(slices, name)[rows] for name in CONDITION_VECTOR], 1), dtype=torch.float32)
+    return torch.from_numpy(slices.conditions(rows))
 
 
 def _labels(slices: SiteSlices, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -77,7 +77,12 @@ def evaluate_site(
     generated_by_modality: dict[int, list[np.ndarray]] = {}
     for modality in Modality:
         for pathology in Pathology:
-            held_rows = np.nonzero((heldout.modality == modality.ordinal) & (heldout.pathology == pathology.ordinal))[0]
+            # Slices whose field strength is unknown have no field label to check adherence against.
+            held_rows = np.nonzero(
+                (heldout.modality == modality.ordinal)
+                & (heldout.pathology == pathology.ordinal)
+                & np.isfinite(heldout.field_strength)
+            )[0]
             train_rows = np.nonzero(
                 (training.modality == modality.ordinal) & (training.pathology == pathology.ordinal)
             )[0]
@@ -151,7 +156,9 @@ def held_flags(training: SiteSlices) -> dict[str, float]:
 
     The model card already lists what each site holds; the server uses this to mark unseen ones.
     """
-    combos = set(zip(training.modality, training.pathology, field_class(training.field_strength), strict=True))
+    known = (training.pathology != OTHER) & np.isfinite(training.field_strength)
+    labels = training.modality[known], training.pathology[known], field_class(training.field_strength[known])
+    combos = set(zip(*labels, strict=True))
     return {f"held/{list(Modality)[m].value}/{list(Pathology)[p].value}/{f}": 1.0 for m, p, f in combos}
 
 

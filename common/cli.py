@@ -19,7 +19,6 @@ _PRETRAIN = PretrainConfig()  # the defaults of `fedmri pretrain`
 
 def read_slices(yaml_paths: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:
     """All slices of these sites (images [N, H, W], conditions [N, 7]) and a per-site summary."""
-    from common.conditions import CONDITION_VECTOR
     from sites.bids import read_site_data
     from sites.config import load_site
 
@@ -28,7 +27,7 @@ def read_slices(yaml_paths: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:
         cfg = load_site(path)
         data = read_site_data(cfg)
         images.append(data.images)
-        conditions.append(np.stack([getattr(data, name) for name in CONDITION_VECTOR], 1))
+        conditions.append(data.conditions())
         summary[cfg.site_id] = data.summary()
     return np.concatenate(images), np.concatenate(conditions), summary
 

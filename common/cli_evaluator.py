@@ -22,8 +22,14 @@ _EVALUATOR = EvaluatorConfig()  # the defaults of `fedmri train-evaluator`
 
 def labelled(slices: SiteSlices) -> LabelledSlices:
     """A site's slices with the evaluator's three labels."""
+    import numpy as np
+
     from common.evaluator import LabelledSlices, field_class
 
+    if (unknown := np.isnan(slices.conditions()[:, :3]).any(1)).any():
+        raise ValueError(
+            f"{int(unknown.sum())} slices have an unknown modality, pathology or field: no label to train on"
+        )
     return LabelledSlices(slices.images, slices.modality, slices.pathology, field_class(slices.field_strength))
 
 

@@ -70,6 +70,14 @@ def simulate(
         str, typer.Option(help="Scenario whose hospitals federate (one virtual SuperNode each).")
     ] = "demo",
     sites_dir: HospitalSites = SITES_DIR,
+    site: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--site",
+            help="A site YAML to federate instead of the scenario's synthetic hospitals (repeat it for each "
+            "hospital), e.g. one written by `fedmri sites import`.",
+        ),
+    ] = None,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = _DEFAULTS.num_server_rounds,
     local_steps: Annotated[int, typer.Option(help="Proposed DP-SGD steps per site per round.")] = _DEFAULTS.local_steps,
     batch_size: Annotated[int, typer.Option(help="Proposed expected subjects per step.")] = _DEFAULTS.batch_size,
@@ -137,7 +145,7 @@ def simulate(
         except (ValueError, ReleaseError) as err:
             console.print(f"[red]error:[/red] --base-model: {err}")
             raise typer.Exit(2) from None
-    yaml_paths = make_scenario_sites(hospitals, sites_dir)
+    yaml_paths = _given_sites(site) if site else make_scenario_sites(hospitals, sites_dir)
     run = dataclasses.replace(run, sites=",".join(str(p.resolve()) for p in yaml_paths))
     console.print(f"simulating {len(yaml_paths)} sites x {rounds} rounds ({mode}, {strategy}) -> {out}")
     start = time.perf_counter()
@@ -154,6 +162,24 @@ def simulate(
         f"done in {time.perf_counter() - start:.0f} s: {out}/model, {out}/sigma.png, {out}/epsilon.png, {out}/metrics.jsonl; "
         f"the sites' public keys (for `fedmri verify --keys`): {keys}"
     )
+
+
+def _given_sites(paths: list[Path]) -> list[Path]:
+    """The --site YAMLs, each checked as its client will load it; an error names the file."""
+    from sites.config import SiteConfigError, load_site
+
+    ids: dict[str, Path] = {}
+    for path in paths:
+        try:
+            site_id = load_site(path).site_id
+        except (OSError, SiteConfigError) as err:
+            console.print(f"[red]error:[/red] --site: {err}")  # the error names the file
+            raise typer.Exit(2) from None
+        if site_id in ids:
+            console.print(f"[red]error:[/red] --site {path}: site id {site_id!r} is also {ids[site_id]}'s")
+            raise typer.Exit(2)
+        ids[site_id] = path
+    return paths
 
 
 def _collect_site_keys(yaml_paths: list[Path], keys: Path) -> Path:

@@ -9,19 +9,19 @@ import math
 import os
 import re
 import tempfile
-import zlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from common.conditions import Modality, Pathology
+from common.conditions import CONDITION_VECTOR, Modality, Pathology
 from sites.config import SiteConfig
+from sites.volume import SiteDataError, brain_slab, foreground_of, load_volume_affine
 
-READER_VERSION = 2  # 2: per-slice lesion labels from lesion masks
+READER_VERSION = 3  # 2: per-slice lesion labels from lesion masks; 3: real scanners (sites/volume.py)
 # Focal pathologies: a slice of such a subject is labelled with it only where the subject's
 # lesion mask (if the site has one) reaches the slice; elsewhere the slice is labelled healthy.
 FOCAL = (Pathology.glioma, Pathology.ms)
@@ -29,32 +29,37 @@ LESION_MASK = "_desc-lesion_mask.nii"  # derivatives/<pipeline>/sub-X/anat/sub-X
 MIN_LESION_VOXELS = 5  # mask voxels inside a slice's slab for the slice to count as showing the lesion
 # BIDS suffix -> modality; a T1w carrying a `ce-<agent>` entity is T1ce.
 SUFFIXES = {"T1w": Modality.T1w, "T2w": Modality.T2w, "FLAIR": Modality.FLAIR, "PDw": Modality.PDw}
-REQUIRED_SIDECAR = ("MagneticFieldStrength", "RepetitionTime", "EchoTime")
+# Sidecar fields that become conditions. One that is missing is an *unknown* condition (the
+# condition encoder's "unknown" embedding), never a reason to drop the scan; a FLAIR without
+# InversionTime has its whole timing unknown, since TR and TE alone would describe another scan.
+ACQUISITION_FIELDS = ("MagneticFieldStrength", "RepetitionTime", "EchoTime", "InversionTime")
+OTHER = -1  # SiteSlices.pathology of a subject whose label is outside the vocabulary: "other"
 _NAME = re.compile(r"^(sub-[A-Za-z0-9]+)((?:_[A-Za-z0-9]+-[A-Za-z0-9]+)*)_([A-Za-z0-9]+)\.nii(\.gz)?$")
 
 
-class SiteDataError(ValueError):
-    """Site data that cannot be used; the message names the file and what is wrong."""
+class SiteDataWarning(UserWarning):
+    """Site data read with less than it could say: unknown acquisition fields, labels read as `other`."""
 
 
 @dataclass(frozen=True)
 class Subject:
     participant_id: str
-    pathology: Pathology
+    pathology: Pathology | None  # None: `label` is outside the vocabulary ("other")
     age: float | None
     sex: str | None
+    label: str = ""  # participants.tsv's pathology label as written
 
 
 @dataclass(frozen=True)
 class Scan:
-    """One 3D scan and what its sidecar says about its acquisition (times in seconds)."""
+    """One 3D scan and what its sidecar says about its acquisition (tesla, seconds; None = unknown)."""
 
     path: Path
     subject: str
     modality: Modality
-    field_strength: float
-    repetition_time: float
-    echo_time: float
+    field_strength: float | None
+    repetition_time: float | None
+    echo_time: float | None
     inversion_time: float | None
 
 
@@ -64,23 +69,38 @@ class SiteIndex:
     subjects: dict[str, Subject]
     scans: list[Scan]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    unknown: dict[str, int] = field(default_factory=dict)  # sidecar field -> scans lacking it
+
+    @property
+    def other(self) -> dict[str, str]:
+        """participant -> label, for the subjects whose pathology label is outside the vocabulary."""
+        return {s.participant_id: s.label for s in self.subjects.values() if s.pathology is None}
 
 
 class _Problems:
-    """Strict: raise at the first problem. Not strict: record it and let the caller skip."""
+    """Every file dropped, with the reason. Strict: `check` then refuses the site, naming them all."""
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self.skipped: list[tuple[str, str]] = []
 
     def report(self, path: Path | str, reason: str) -> None:
-        if self.strict:
-            raise SiteDataError(f"{path}: {reason}")
         self.skipped.append((str(path), reason))
+
+    def check(self, root: Path) -> None:
+        if self.strict and self.skipped:
+            listed = "\n".join(f"  {f}: {r}" for f, r in self.skipped)
+            raise SiteDataError(
+                f"{root}: strict mode refuses the site; {len(self.skipped)} file(s) cannot be used "
+                f"(set data.strict: false to read the site without them):\n{listed}"
+            )
 
 
 def index_site(root: str | Path, strict: bool = True) -> SiteIndex:
-    """Find the subjects and scans of a BIDS(-like) folder and check names, sidecars and labels."""
+    """Find the subjects and scans of a BIDS(-like) folder and check names, sidecars and labels.
+
+    Warns (SiteDataWarning) once per site for each acquisition field some sidecars lack and for
+    the pathology labels read as `other`."""
     root = Path(root)
     if not root.is_dir():
         raise SiteDataError(f"{root}: site data folder not found")
@@ -89,11 +109,33 @@ def index_site(root: str | Path, strict: bool = True) -> SiteIndex:
     problems = _Problems(strict)
     subjects = _read_participants(root / "participants.tsv", problems)
     scans = []
+    missing = dict.fromkeys(ACQUISITION_FIELDS, 0)  # sidecar field -> scans lacking it
     for path in sorted(root.glob("sub-*/anat/*.nii*")) + sorted(root.glob("sub-*/ses-*/anat/*.nii*")):
-        scan = _index_scan(path, subjects, problems)
+        scan = _index_scan(path, subjects, problems, missing)
         if scan is not None:
             scans.append(scan)
-    return SiteIndex(root, subjects, scans, problems.skipped)
+    problems.check(root)
+    index = SiteIndex(root, subjects, scans, problems.skipped, {k: n for k, n in missing.items() if n})
+    for name, lacking in index.unknown.items():
+        of = sum(s.modality is Modality.FLAIR for s in scans) if name == "InversionTime" else len(scans)
+        what = "their timing (TR, TE, TI) is" if name == "InversionTime" else "it is"
+        scans_of = "FLAIR scans" if name == "InversionTime" else "scans"
+        warnings.warn(
+            f"{root}: {lacking} of {of} {scans_of} have no {name} in their sidecars; "
+            f"{what} an unknown condition for their slices",
+            SiteDataWarning,
+            stacklevel=2,
+        )
+    if index.other:
+        labels = ", ".join(f"{p} ({label!r})" for p, label in sorted(index.other.items()))
+        valid = ", ".join(p.value for p in Pathology)
+        warnings.warn(
+            f"{root / 'participants.tsv'}: pathology labels outside the vocabulary ({valid}) are read as "
+            f"`other`: their slices are used with the pathology condition unknown, never trained as a label: {labels}",
+            SiteDataWarning,
+            stacklevel=2,
+        )
+    return index
 
 
 def _read_participants(path: Path, problems: _Problems) -> dict[str, Subject]:
@@ -106,17 +148,12 @@ def _read_participants(path: Path, problems: _Problems) -> dict[str, Subject]:
     subjects = {}
     for line, row in enumerate(rows, start=2):
         label = (row["pathology"] or "").strip()
-        try:
-            pathology = Pathology(label)
-        except ValueError:
-            valid = ", ".join(p.value for p in Pathology)
-            problems.report(
-                path,
-                f"line {line}: unknown pathology label {label!r} for {row['participant_id']}; valid labels: {valid}",
-            )
+        if not label or label == "n/a":
+            problems.report(path, f"line {line}: no pathology label for {row['participant_id']}")
             continue
+        pathology = next((p for p in Pathology if p.value == label), None)
         age = _number_or_none(row.get("age"))
-        subjects[row["participant_id"]] = Subject(row["participant_id"], pathology, age, row.get("sex") or None)
+        subjects[row["participant_id"]] = Subject(row["participant_id"], pathology, age, row.get("sex") or None, label)
     return subjects
 
 
@@ -127,7 +164,7 @@ def _number_or_none(text: str | None) -> float | None:
         return None
 
 
-def _index_scan(path: Path, subjects: dict[str, Subject], problems: _Problems) -> Scan | None:
+def _index_scan(path: Path, subjects: dict[str, Subject], problems: _Problems, missing: dict[str, int]) -> Scan | None:
     match = _NAME.match(path.name)
     if not match:
         problems.report(path, "file name does not follow BIDS: sub-<label>[_<key>-<value>...]_<suffix>.nii[.gz]")
@@ -142,74 +179,35 @@ def _index_scan(path: Path, subjects: dict[str, Subject], problems: _Problems) -
         problems.report(path, f"subject {subject} is missing from participants.tsv (or has an invalid row there)")
         return None
     sidecar_path = path.with_name(path.name.split(".nii")[0] + ".json")
-    if not sidecar_path.exists():
-        problems.report(sidecar_path, "JSON sidecar missing; it must give " + ", ".join(REQUIRED_SIDECAR))
-        return None
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except json.JSONDecodeError as err:
-        problems.report(sidecar_path, f"not valid JSON: {err}")
-        return None
-    required = REQUIRED_SIDECAR + (("InversionTime",) if modality is Modality.FLAIR else ())
-    for key in required:
-        value = sidecar.get(key)
-        if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            reason = "missing" if value is None else f"not a positive number ({value!r})"
-            problems.report(sidecar_path, f"sidecar field {key} is {reason} (BIDS units: tesla, seconds)")
+    sidecar: dict = {}
+    if sidecar_path.exists():
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+        except json.JSONDecodeError as err:
+            problems.report(sidecar_path, f"not valid JSON: {err}")
             return None
-    if sidecar["RepetitionTime"] > 100 or sidecar["EchoTime"] > 10:
-        problems.report(sidecar_path, "RepetitionTime/EchoTime look like milliseconds; BIDS uses seconds")
+    values: dict[str, float | None] = {}
+    for key in ACQUISITION_FIELDS:
+        value = sidecar.get(key)
+        if value is not None and (not isinstance(value, int | float) or not math.isfinite(value) or value <= 0):
+            problems.report(sidecar_path, f"sidecar field {key} is not a positive number ({value!r}; BIDS units: tesla, seconds)")  # fmt: skip
+            return None
+        values[key] = float(value) if value is not None else None
+    tr, te, ti = values["RepetitionTime"], values["EchoTime"], values["InversionTime"]
+    if (tr is not None and tr > 100) or (te is not None and te > 10) or (ti is not None and ti > 100):
+        problems.report(sidecar_path, "RepetitionTime/EchoTime/InversionTime look like milliseconds; BIDS uses seconds")
         return None
-    ti = sidecar.get("InversionTime")
-    return Scan(
-        path,
-        subject,
-        modality,
-        float(sidecar["MagneticFieldStrength"]),
-        float(sidecar["RepetitionTime"]),
-        float(sidecar["EchoTime"]),
-        float(ti) if ti else None,
-    )
+    for key, value in values.items():
+        missing[key] += value is None and (key != "InversionTime" or modality is Modality.FLAIR)
+    if modality is Modality.FLAIR and ti is None:
+        tr = te = None  # TR and TE without TI would describe a spin echo: the timing is unknown
+    return Scan(path, subject, modality, values["MagneticFieldStrength"], tr, te, ti)
 
 
 def load_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A scan reoriented to canonical RAS, as float32, and its voxel size (mm)."""
+    """A scan as float32 magnitude on an axis-aligned RAS grid, and its voxel size (mm)."""
     data, zooms, _ = load_volume_affine(path)
     return data, zooms
-
-
-def load_volume_affine(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    """load_volume, plus the canonical (RAS) voxel-to-world affine [4, 4] in mm.
-
-    Raises SiteDataError for corrupt or truncated files, non-3D volumes, NaN/Inf voxels and
-    empty volumes.
-    """
-    try:
-        image = nib.as_closest_canonical(nib.load(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
-        raise SiteDataError(f"{path}: corrupt or truncated NIfTI file ({type(err).__name__}: {err})") from None
-    if data.ndim != 3:
-        raise SiteDataError(f"{path}: expected a 3D volume, got {data.ndim}D with shape {data.shape}")
-    if data.size == 0 or not np.any(data):
-        raise SiteDataError(f"{path}: empty volume (no non-zero voxels)")
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise SiteDataError(f"{path}: {int(bad.sum())} NaN or Inf voxels")
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return data, zooms, image.affine  # type: ignore[return-value]
-
-
-def foreground_of(data: np.ndarray) -> np.ndarray:
-    """Voxels above 10 % of the volume's 99th percentile. -> bool, like `data`"""
-    return data > 0.1 * np.percentile(data, 99)
-
-
-def brain_slab(foreground: np.ndarray) -> tuple[int, int]:
-    """First and last axial index whose foreground covers at least half of the largest slice's."""
-    area = foreground.sum((0, 1))
-    keep = np.nonzero(area >= 0.5 * area.max())[0]
-    return int(keep.min()), int(keep.max())
 
 
 def lesion_mask_path(root: Path, subject: str) -> Path | None:
@@ -229,7 +227,7 @@ def lesion_in_slices(
     The mask may lie on another grid: slices are matched by their world z (mm), each mask
     slice counting towards every scan slab it overlaps. -> [len(rows)] bool
     """
-    mask, mask_zooms, mask_affine = load_volume_affine(mask_path)
+    mask, mask_zooms, mask_affine = load_volume_affine(mask_path, order=0)
     counts = (mask > 0).sum((0, 1))  # -> [mask slices]
     mask_z = _world_z(mask_affine, mask.shape, np.arange(mask.shape[2]))  # -> [mask slices]
     scan_z = _world_z(affine, shape, rows)  # -> [len(rows)]
@@ -249,15 +247,16 @@ def axial_slices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalized axial slices [S, image_size, image_size] in [0, 1] and their positions [S] in [0, 1].
 
-    Foreground = voxels above 10 % of the 99th percentile. Slices whose foreground area is at
-    least 50 % of the largest are kept (they cover the brain). Each slice is resampled to a
-    square `fov_mm` field of view centred on the foreground (rows anterior to posterior,
-    columns from the patient's left to right: neurological convention), divided by the
-    99.5th percentile of the foreground and clipped to [0, 1].
+    The head is the voxels above 10 % of the 99th percentile. The slices kept, and their
+    positions, are measured from the top of the head (sites/volume.brain_slab), so a neck is
+    never read and position 0.5 is mid-brain with or without one. Each slice is resampled to a
+    square `fov_mm` field of view centred on the kept part of the head (rows anterior to
+    posterior, columns from the patient's left to right: neurological convention), divided by
+    the 99.5th percentile of the head and clipped to [0, 1].
     """
     foreground = foreground_of(data)
-    z_lo, z_hi = brain_slab(foreground)
-    centre = ndimage.center_of_mass(foreground)
+    z_lo, z_hi, positions = brain_slab(data, foreground, zooms[2])
+    centre = ndimage.center_of_mass(foreground[:, :, z_lo : z_hi + 1])
 
     pixel = fov_mm / image_size
     sigma = [max(0.0, 0.5 * (pixel / zooms[0] - 1.0)), max(0.0, 0.5 * (pixel / zooms[1] - 1.0))]
@@ -266,13 +265,12 @@ def axial_slices(
     ys = centre[1] - offsets / zooms[1]  # first row is the most anterior
     rows, cols = np.meshgrid(ys, xs, indexing="ij")
     scale = np.percentile(data[foreground], 99.5)
-    slices, positions = [], []
+    slices = []
     for z in range(z_lo, z_hi + 1):
         plane = ndimage.gaussian_filter(data[:, :, z], sigma) if max(sigma) > 0 else data[:, :, z]
         resampled = ndimage.map_coordinates(plane, [cols, rows], order=1, mode="constant", cval=0.0)
         slices.append(np.clip(resampled / scale, 0.0, 1.0))
-        positions.append((z - z_lo) / max(1, z_hi - z_lo))
-    return np.stack(slices).astype(np.float16), np.asarray(positions, dtype=np.float32)
+    return np.stack(slices).astype(np.float16), positions
 
 
 @dataclass
@@ -283,23 +281,41 @@ class SiteSlices:
     subject: np.ndarray  # [N] index into `subjects`
     scan: np.ndarray  # [N] index of the scan the slice came from
     modality: np.ndarray  # [N] Modality.ordinal
-    pathology: np.ndarray  # [N] Pathology.ordinal
-    field_strength: np.ndarray  # [N] tesla
-    repetition_time: np.ndarray  # [N] s
-    echo_time: np.ndarray  # [N] s
-    inversion_time: np.ndarray  # [N] s, NaN when not an inversion-recovery scan
-    slice_position: np.ndarray  # [N] 0 = lowest brain slice, 1 = top
+    pathology: np.ndarray  # [N] Pathology.ordinal, or OTHER (a label outside the vocabulary)
+    field_strength: np.ndarray  # [N] tesla; NaN = unknown
+    repetition_time: np.ndarray  # [N] s; NaN = unknown
+    echo_time: np.ndarray  # [N] s; NaN = unknown
+    inversion_time: np.ndarray  # [N] s, NaN when not an inversion-recovery scan or unknown
+    slice_position: np.ndarray  # [N] 1 = top of the head, 0 = 144 mm below (sites/volume.py)
     subjects: list[str]
     skipped: list[tuple[str, str]]
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def conditions(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Condition vectors of `rows`, laid out as CONDITION_VECTOR, NaN = unknown. -> [n, 7] float32
+
+        A pathology outside the vocabulary (OTHER) is unknown: it is never trained as a label."""
+        columns = [getattr(self, name)[rows].astype(np.float32) for name in CONDITION_VECTOR]
+        table = np.stack(columns, 1)  # -> [n, 7]
+        pathology = CONDITION_VECTOR.index("pathology")
+        table[table[:, pathology] == OTHER, pathology] = np.nan
+        return table
+
     def summary(self) -> dict:
-        """Counts a person checks first: subjects, scans, slices, and what was skipped.
+        """Counts a person checks first: subjects, scans, slices, and what was skipped or unknown.
 
         `pathologies` counts the subjects with at least one slice so labelled: a glioma patient
-        whose mask leaves some slices lesion-free counts under healthy too."""
+        whose mask leaves some slices lesion-free counts under healthy too; `other` counts the
+        subjects whose label is outside the vocabulary. `unknown` counts the slices whose
+        condition is unknown, per attribute."""
+        labels = [(p.value, p.ordinal) for p in Pathology] + [("other", OTHER)]
+        known_field = self.field_strength[np.isfinite(self.field_strength)]
+        unknown = {
+            "field_strength": int(np.isnan(self.field_strength).sum()),
+            "timing": int((np.isnan(self.repetition_time) | np.isnan(self.echo_time)).sum()),
+        }
         return {
             "subjects": len(self.subjects),
             "scans": len(np.unique(self.scan)),
@@ -308,11 +324,12 @@ class SiteSlices:
                 m.value: int((self.modality == m.ordinal).sum()) for m in Modality if (self.modality == m.ordinal).any()
             },
             "pathologies": {
-                p.value: len(np.unique(self.subject[self.pathology == p.ordinal]))
-                for p in Pathology
-                if (self.pathology == p.ordinal).any()
+                label: len(np.unique(self.subject[self.pathology == ordinal]))
+                for label, ordinal in labels
+                if (self.pathology == ordinal).any()
             },
-            "field_strengths": sorted({round(float(b), 3) for b in np.unique(self.field_strength)}),
+            "field_strengths": sorted({round(float(b), 3) for b in np.unique(known_field)}),
+            "unknown": {name: n for name, n in unknown.items() if n},
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
         }
 
@@ -371,11 +388,14 @@ def read_site(
     With `cache_dir`, the result is stored there and reused while no file of the site changes.
     `progress(done, total)` is called after each scan.
     """
-    index = index_site(root, strict)
+    index = index_site(root, strict=False)  # strict mode refuses below, once every file has been looked at
     key = _cache_key(index, image_size, fov_mm) if cache_dir else None
-    if key and cache_dir and (Path(cache_dir) / f"{key}.npz").exists():
-        return _load_cache(Path(cache_dir) / f"{key}.npz")
     problems = _Problems(strict)
+    if key and cache_dir and (Path(cache_dir) / f"{key}.npz").exists():
+        cached = _load_cache(Path(cache_dir) / f"{key}.npz")
+        problems.skipped.extend(cached.skipped)  # a lenient read cached them; strict still refuses
+        problems.check(index.root)
+        return cached
     problems.skipped.extend(index.skipped)
     subjects = sorted({s.subject for s in index.scans})
     columns: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
@@ -398,12 +418,13 @@ def read_site(
             ("subject", subjects.index(scan.subject)),
             ("scan", n),
             ("modality", scan.modality.ordinal),
-            ("field_strength", scan.field_strength),
-            ("repetition_time", scan.repetition_time),
-            ("echo_time", scan.echo_time),
-            ("inversion_time", scan.inversion_time if scan.inversion_time else math.nan),
+            ("field_strength", _or_nan(scan.field_strength)),
+            ("repetition_time", _or_nan(scan.repetition_time)),
+            ("echo_time", _or_nan(scan.echo_time)),
+            ("inversion_time", _or_nan(scan.inversion_time)),
         ):
             columns[name].append(np.full(count, value))
+    problems.check(index.root)
     if not columns["images"]:
         details = "; ".join(f"{f}: {r}" for f, r in problems.skipped[:5])
         raise SiteDataError(f"{index.root}: no usable scans" + (f" (skipped: {details})" if details else ""))
@@ -415,15 +436,25 @@ def read_site(
     return result
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def _slice_pathology(
-    root: Path, subject: str, pathology: Pathology, data: np.ndarray, zooms: tuple[float, ...], affine: np.ndarray
+    root: Path,
+    subject: str,
+    pathology: Pathology | None,
+    data: np.ndarray,
+    zooms: tuple[float, ...],
+    affine: np.ndarray,
 ) -> np.ndarray:
-    """Per kept slice: the subject's pathology, except that a focal one (glioma, MS) holds only
-    where the subject's lesion mask reaches the slice; without a mask, the subject's label."""
-    z_lo, z_hi = brain_slab(foreground_of(data))
-    labels = np.full(z_hi - z_lo + 1, pathology.ordinal)
+    """Per kept slice: the subject's pathology (OTHER for a label outside the vocabulary), except
+    that a focal one (glioma, MS) holds only where the subject's lesion mask reaches the slice;
+    without a mask, the subject's label."""
+    z_lo, z_hi, _ = brain_slab(data, foreground_of(data), zooms[2])
+    labels = np.full(z_hi - z_lo + 1, OTHER if pathology is None else pathology.ordinal)
     mask = lesion_mask_path(root, subject) if pathology in FOCAL else None
-    if mask is not None:
+    if pathology is not None and mask is not None:
         shows = lesion_in_slices(mask, affine, data.shape, np.arange(z_lo, z_hi + 1), zooms[2])
         labels = np.where(shows, pathology.ordinal, Pathology.healthy.ordinal)
     return labels

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 
-from common.conditions import Modality
+from common.conditions import Modality, Pathology
 from sites.bids import index_site, load_volume
 
 
@@ -19,7 +19,10 @@ def _pick_subjects(index, n: int) -> list[str]:
     """Up to n subjects, one of each pathology first."""
     chosen: list[str] = []
     with_scans = {s.subject for s in index.scans}
-    for subject in sorted(index.subjects.values(), key=lambda s: (s.pathology.ordinal, s.participant_id)):
+    for subject in sorted(
+        index.subjects.values(),
+        key=lambda s: (s.pathology.ordinal if s.pathology else len(Pathology), s.participant_id),
+    ):
         if subject.participant_id in with_scans and subject.pathology not in [
             index.subjects[c].pathology for c in chosen
         ]:
@@ -59,7 +62,7 @@ def render_contact_sheet(root: Path, out_png: Path, n_subjects: int = 4, title: 
         axes[row, 0].text(
             -0.05,
             0.5,
-            f"{sub}\n{subject.pathology.value}{age}",
+            f"{sub}\n{subject.label}{age}",
             ha="right",
             va="center",
             fontsize=8,

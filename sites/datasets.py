@@ -6,14 +6,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.conditions import CONDITION_VECTOR
 from sites.bids import SiteSlices
 
 
 def _item(slices: SiteSlices, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(image [1, H, W] in [-1, 1], conditions [7] laid out as CONDITION_VECTOR)."""
     image = torch.from_numpy(slices.images[i].astype(np.float32)).unsqueeze(0) * 2.0 - 1.0
-    conditions = torch.tensor([float(getattr(slices, name)[i]) for name in CONDITION_VECTOR], dtype=torch.float32)
+    conditions = torch.from_numpy(slices.conditions(np.array([i]))[0])  # -> [7]
     return image, conditions
 
 

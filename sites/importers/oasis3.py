@@ -32,6 +32,7 @@ from sites.importers.site_writer import (
     Site,
     check_nifti,
     field_strength,
+    pathology_label,
     with_field,
     write_site,
 )
@@ -74,7 +75,7 @@ def read_cdr(path: Path) -> dict[str, list[tuple[int, str, int]]]:
     return visits
 
 
-def pathology_of_cdr(text: str, where: str, assume: Assumptions) -> tuple[Pathology, str]:
+def pathology_of_cdr(text: str, where: str, assume: Assumptions) -> tuple[Pathology | None, str]:
     """CDR 0 -> healthy, CDR > 0 -> dementia; anything else needs --assume pathology."""
     try:
         cdr = float(text)
@@ -84,8 +85,8 @@ def pathology_of_cdr(text: str, where: str, assume: Assumptions) -> tuple[Pathol
         return Pathology.healthy, ""
     if cdr in (0.5, 1, 2, 3):
         return Pathology.dementia, ""
-    if assume.pathology is not None:
-        return assume.pathology, f"--assume pathology={assume.pathology.value}"
+    if assume.pathology is not None or assume.pathology_other:
+        return assume.pathology, f"--assume pathology={pathology_label(assume.pathology)}"
     raise DatasetImportError(
         f"{where}: CDRTOT {text!r} is not a CDR (0, 0.5, 1, 2, 3); state the label with --assume pathology=<label>"
     )
@@ -157,8 +158,11 @@ def import_oasis3(src: Path, options: Options, command: str, report: Report, cli
             if near:
                 _, cdr, line = min(near, key=lambda v: (abs(v[0] - day), v[0]))
                 pathology, assumed = pathology_of_cdr(cdr, f"{cdr_path}: line {line}: CDRTOT", options.assume)
-            elif options.assume.pathology is not None:
-                pathology, assumed = options.assume.pathology, f"--assume pathology={options.assume.pathology.value}"
+            elif options.assume.pathology is not None or options.assume.pathology_other:
+                pathology, assumed = (
+                    options.assume.pathology,
+                    f"--assume pathology={pathology_label(options.assume.pathology)}",
+                )
             else:
                 site.skipped.append((str(folder), f"no CDR visit within {MAX_VISIT_GAP_DAYS} days in {cdr_path.name}"))
                 continue

@@ -28,9 +28,11 @@ BIDS_SUFFIX = {
     Modality.PDw: "PDw",
 }
 MASK_PIPELINE = "derivatives/lesions"  # sites/bids.py:lesion_mask_path reads derivatives/*/sub-X/anat/
+OTHER_LABEL = "other"  # a participants.tsv label outside the vocabulary: sites/bids.py reads it as `other`
 ASSUMABLE = {
     "field": "MagneticFieldStrength in tesla, or 'unknown' to leave it out of the sidecars",
-    "pathology": "participants.tsv label for subjects the dataset gives none: " + ", ".join(p.value for p in Pathology),
+    "pathology": "participants.tsv label for subjects the dataset gives none: "
+    + ", ".join([*(p.value for p in Pathology), OTHER_LABEL]),
 }
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _ENTITIES = re.compile(r"^(_[A-Za-z0-9]+-[A-Za-z0-9]+)*$")
@@ -49,6 +51,12 @@ class Assumptions:
     field: float | None = None  # tesla
     field_unknown: bool = False  # --assume field=unknown: leave MagneticFieldStrength out
     pathology: Pathology | None = None
+    pathology_other: bool = False  # --assume pathology=other: read as `other`, never trained as a label
+
+
+def pathology_label(pathology: Pathology | None) -> str:
+    """participants.tsv's label: the pathology's, or OTHER_LABEL for None."""
+    return OTHER_LABEL if pathology is None else pathology.value
 
 
 def parse_assumptions(items: list[str]) -> Assumptions:
@@ -72,13 +80,14 @@ def parse_assumptions(items: list[str]) -> Assumptions:
             if not 0.05 <= tesla <= 11.7:
                 raise DatasetImportError(f"--assume field={values['field']}: give tesla (0.05-11.7) or 'unknown'")
             result = Assumptions(field=tesla)
-    if "pathology" in values:
+    if values.get("pathology") == OTHER_LABEL:
+        result = Assumptions(result.field, result.field_unknown, None, pathology_other=True)
+    elif "pathology" in values:
         try:
             pathology = Pathology(values["pathology"])
         except ValueError:
-            raise DatasetImportError(
-                f"--assume pathology={values['pathology']}: valid labels: {', '.join(p.value for p in Pathology)}"
-            ) from None
+            valid = ", ".join([*(p.value for p in Pathology), OTHER_LABEL])
+            raise DatasetImportError(f"--assume pathology={values['pathology']}: valid labels: {valid}") from None
         result = Assumptions(result.field, result.field_unknown, pathology)
     return result
 
@@ -116,7 +125,7 @@ class Scan:
 @dataclass(frozen=True)
 class Participant:
     label: str  # BIDS label, without "sub-"
-    pathology: Pathology
+    pathology: Pathology | None  # None: `other` (the reader never trains it as a label)
     lesion_mask: Path | None = None  # a NIfTI whose non-zero voxels are the lesion (BraTS/FeTS seg)
     mask_labels: dict[str, int] = field(default_factory=dict)
     source_id: str = ""  # the subject's id in the dataset
@@ -165,11 +174,11 @@ def field_strength(stated: float | None, where: str, assume: Assumptions) -> tup
     )
 
 
-def pathology_or_assumed(where: str, why: str, assume: Assumptions) -> tuple[Pathology, str]:
+def pathology_or_assumed(where: str, why: str, assume: Assumptions) -> tuple[Pathology | None, str]:
     """(the --assume'd pathology, its record) for a subject the dataset gives no label; else an error."""
-    if assume.pathology is None:
+    if assume.pathology is None and not assume.pathology_other:
         raise DatasetImportError(f"{where}: {why}; state it with --assume pathology=<label>")
-    return assume.pathology, f"--assume pathology={assume.pathology.value}"
+    return assume.pathology, f"--assume pathology={pathology_label(assume.pathology)}"
 
 
 def with_field(sidecar: dict, tesla: float | None, assumed: str | None) -> dict:
@@ -206,7 +215,7 @@ def write_site(site: Site, dataset: DatasetInfo, options: Options, command: str,
     used = sorted({s.subject for s in site.scans})
     for label in used:
         contrasts = ", ".join(sorted({BIDS_SUFFIX[s.modality] for s in site.scans if s.subject == label}))
-        report(f"{site.site_id}: sub-{label} ({site.participants[label].pathology.value}): {contrasts}")
+        report(f"{site.site_id}: sub-{label} ({pathology_label(site.participants[label].pathology)}): {contrasts}")
     _write_participants(tmp, [site.participants[label] for label in used])
     (tmp / "README").write_text(_readme(site, dataset, options, command))
     os.replace(tmp, root)
@@ -273,7 +282,7 @@ def _write_mask(root: Path, participant: Participant, copy: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"sub-{participant.label}_desc-lesion_mask"
     _place(participant.lesion_mask, folder / f"{stem}{_nifti_suffix(participant.lesion_mask)}", copy)
-    legend = {"Labels": participant.mask_labels, "Pathology": participant.pathology.value}
+    legend = {"Labels": participant.mask_labels, "Pathology": pathology_label(participant.pathology)}
     (folder / f"{stem}.json").write_text(json.dumps(legend, indent=2))
 
 
@@ -282,7 +291,7 @@ def _write_participants(root: Path, participants: list[Participant]) -> None:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(["participant_id", "pathology", "source_id"])
         for p in participants:
-            writer.writerow([f"sub-{p.label}", p.pathology.value, p.source_id or "n/a"])
+            writer.writerow([f"sub-{p.label}", pathology_label(p.pathology), p.source_id or "n/a"])
     columns = {
         "pathology": {"Description": "diagnosis, from the source dataset's own labels (see README)"},
         "source_id": {"Description": "the subject's id in the source dataset"},

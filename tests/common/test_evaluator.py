@@ -70,5 +70,7 @@ def test_adherence_is_high_on_real_slices_and_near_chance_on_shuffled_labels(dem
         assert adherence(_merge(predicted["modality"], family), _merge(truth["modality"], family)) > 0.9, site
         assert adherence(predicted["field"], truth["field"]) > 0.85, site
         shuffled = rng.permutation(truth["modality"])  # the same labels, no longer matching their slices
-        chance = float(sum((np.bincount(truth["modality"]) / len(images)) ** 2))
+        # Agreement by chance: the predicted and the true label frequencies, independent.
+        counts = [np.bincount(labels, minlength=len(Modality)) for labels in (predicted["modality"], shuffled)]
+        chance = float((counts[0] * counts[1]).sum()) / len(images) ** 2
         assert abs(adherence(predicted["modality"], shuffled) - chance) < 0.1, site

@@ -251,3 +251,19 @@ def test_release_vs_base_reports_the_mean_and_max_pixel_change(tmp_path: Path) -
     change = _release_vs_base(tmp_path / "release", tmp_path / "base", tmp_path / "change.json")
     assert change["mean_abs_change"] == 0.5 / 32 and change["max_abs_change"] == 0.5
     assert json.loads((tmp_path / "change.json").read_text()) == change
+
+
+def test_simulate_site_yamls_are_checked_before_any_run(tiny_sites: Path, tmp_path: Path) -> None:
+    """`fedmri simulate --site` names the YAML at fault, and refuses two sites with one id."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("site_id: x\n")
+    result = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "run"), "--site", str(broken)])
+    output = " ".join(result.output.split())  # undo rich's line wrapping
+    assert result.exit_code == 2 and f"--site: {broken}: field 'data'" in output, output
+    twin = tmp_path / "twin.yaml"
+    twin.write_text((tiny_sites / "tiny-a.yaml").read_text())
+    args = ["simulate", "--out", str(tmp_path / "run"), "--site", str(tiny_sites / "tiny-a.yaml"), "--site", str(twin)]
+    result = CliRunner().invoke(app, args)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"--site {twin}: site id 'tiny-a' is also" in output, output
+    assert not (tmp_path / "run").exists()

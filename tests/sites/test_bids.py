@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from common.conditions import CONDITION_VECTOR, Modality, Pathology
-from sites.bids import SiteDataError, read_site
+from sites.bids import OTHER, SiteDataError, SiteDataWarning, read_site
 from sites.datasets import SliceDataset, SubjectDataset
 
 
@@ -44,8 +44,14 @@ def test_reads_slices_with_conditions(tiny_sites: Path) -> None:
     assert np.all(slices.field_strength == 3.0)
     flair = slices.modality == Modality.FLAIR.ordinal
     assert np.all(np.isfinite(slices.inversion_time[flair])) and np.all(np.isnan(slices.inversion_time[~flair]))
-    assert slices.slice_position.min() == 0.0 and slices.slice_position.max() == 1.0
-    assert slices.summary()["subjects"] == 4
+    # Positions count down from the top of the head in steps of slice thickness / 144 mm.
+    assert slices.slice_position.min() >= 0.0 and slices.slice_position.max() <= 1.0
+    one_scan = np.sort(slices.slice_position[slices.scan == 0])
+    thickness = abs(nib.load(next((tiny_sites / "tiny-a").glob("sub-*/anat/*_T1w.nii.gz"))).affine[2, 2])
+    assert np.allclose(np.diff(one_scan), thickness / 144.0, atol=1e-6)
+    assert slices.summary()["subjects"] == 4 and slices.summary()["unknown"] == {}
+    conditions = slices.conditions()  # -> [N, 7]
+    assert not np.isnan(np.delete(conditions, CONDITION_VECTOR.index("inversion_time"), axis=1)).any()
 
 
 def test_a_focal_pathology_labels_only_the_slices_its_lesion_mask_reaches(tiny_sites: Path, tmp_path: Path) -> None:
@@ -62,7 +68,7 @@ def test_a_focal_pathology_labels_only_the_slices_its_lesion_mask_reaches(tiny_s
         subject = slices.subjects[i]
         scan = next(root.glob(f"{subject}/anat/{subject}_T2w.nii.gz"))
         data = np.asarray(nib.as_closest_canonical(nib.load(scan)).dataobj, dtype=np.float32)
-        lo, hi = brain_slab(foreground_of(data))
+        lo, hi, _ = brain_slab(data, foreground_of(data), nib.load(scan).header.get_zooms()[2])
         mask = np.asarray(nib.as_closest_canonical(nib.load(lesion_mask_path(root, subject))).dataobj) > 0
         expected = mask.sum((0, 1))[lo : hi + 1] >= MIN_LESION_VOXELS
         rows = (slices.subject == i) & (slices.modality == Modality.T2w.ordinal)
@@ -146,12 +152,16 @@ def _nan_volume(site: Path) -> Path:
     return path
 
 
-def _drop_sidecar_field(site: Path) -> Path:
-    path = site / "sub-002" / "anat" / "sub-002_FLAIR.json"
-    sidecar = json.loads(path.read_text())
-    del sidecar["InversionTime"]
-    path.write_text(json.dumps(sidecar))
-    return path
+def _edit_sidecar(name: str, **fields: object) -> Callable[[Path], Path]:
+    """Set (or, with None, delete) fields of sub-002's `name` sidecar."""
+
+    def edit(site: Path) -> Path:
+        path = site / "sub-002" / "anat" / f"sub-002_{name}.json"
+        sidecar = json.loads(path.read_text()) | fields
+        path.write_text(json.dumps({k: v for k, v in sidecar.items() if v is not None}))
+        return path
+
+    return edit
 
 
 def _unknown_suffix(site: Path) -> Path:
@@ -178,31 +188,41 @@ def _drop_subject(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["participant_id"] != "sub-002"]
 
 
-def _unknown_label(rows: list[dict]) -> list[dict]:
-    for r in rows:
-        if r["participant_id"] == "sub-002":
-            r["pathology"] = "stroke"
-    return rows
+def _label(label: str) -> Callable[[list[dict]], list[dict]]:
+    def relabel(rows: list[dict]) -> list[dict]:
+        for r in rows:
+            if r["participant_id"] == "sub-002":
+                r["pathology"] = label
+        return rows
+
+    return relabel
 
 
 BAD_INPUTS = {
     "truncated gzip": (_truncate, "sub-002_T1w.nii.gz: corrupt or truncated NIfTI"),
     "NaN voxels": (_nan_volume, "sub-002_T2w.nii.gz: 1 NaN or Inf voxels"),
-    "4D volume": (
+    "two volumes in one file": (
         _replace_volume(np.ones((8, 8, 8, 2), np.float32)),
-        r"sub-002_T2w.nii.gz: expected a 3D volume, got 4D",
+        r"sub-002_T2w.nii.gz: expected one 3D volume, got shape \(8, 8, 8, 2\); split the file",
     ),
-    "2D volume": (_replace_volume(np.ones((8, 8), np.float32)), r"sub-002_T2w.nii.gz: expected a 3D volume, got 2D"),
+    "2D volume": (
+        _replace_volume(np.ones((8, 8), np.float32)),
+        r"sub-002_T2w.nii.gz: expected one 3D volume, got shape \(8, 8\)",
+    ),
     "empty volume": (_replace_volume(np.zeros((8, 8, 8), np.float32)), "sub-002_T2w.nii.gz: empty volume"),
-    "sidecar field missing": (_drop_sidecar_field, "sub-002_FLAIR.json: sidecar field InversionTime is missing"),
+    "sidecar field not a number": (
+        _edit_sidecar("FLAIR", RepetitionTime="fast"),
+        r"sub-002_FLAIR.json: sidecar field RepetitionTime is not a positive number \('fast'",
+    ),
+    "milliseconds": (_edit_sidecar("T2w", EchoTime=90), "sub-002_T2w.json: .* look like milliseconds"),
     "unknown suffix": (_unknown_suffix, "sub-002_T2starw.nii.gz: unknown modality suffix 'T2starw'"),
     "subject not in participants.tsv": (
         _edit_participants(_drop_subject),
         "sub-002_.*: subject sub-002 is missing from participants.tsv",
     ),
-    "unknown pathology": (
-        _edit_participants(_unknown_label),
-        r"participants.tsv: line \d: unknown pathology label 'stroke' .*valid labels: healthy",
+    "no pathology label": (
+        _edit_participants(_label("n/a")),
+        r"participants.tsv: line \d: no pathology label for sub-002",
     ),
 }
 
@@ -240,6 +260,61 @@ def test_missing_dataset_description_is_explained(site: Path) -> None:
     (site / "dataset_description.json").unlink()
     with pytest.raises(SiteDataError, match=r"dataset_description\.json: missing; is .* a BIDS dataset"):
         read_site(site)
+
+
+def test_missing_acquisition_fields_are_unknown_conditions_not_dropped(site: Path) -> None:
+    """Most public sidecars lack TR, TE or the field: every scan is still read, the missing value
+    is an unknown condition, and the reader warns once per field and site."""
+    for sidecar in (site / "sub-002" / "anat").glob("*.json"):
+        _edit_sidecar(sidecar.stem.removeprefix("sub-002_"), MagneticFieldStrength=None)(site)
+    _edit_sidecar("T2w", RepetitionTime=None, EchoTime=None)(site)
+    _edit_sidecar("FLAIR", InversionTime=None)(site)
+    scans = len(list(site.glob("sub-*/anat/*.nii.gz")))
+    with pytest.warns(SiteDataWarning) as caught:
+        slices = read_site(site, strict=True, image_size=16)
+    messages = [str(w.message) for w in caught if issubclass(w.category, SiteDataWarning)]
+    assert len(messages) == 4, messages  # one per field: the field, TR, TE, and a FLAIR's TI
+    assert any("3 of 12 scans have no MagneticFieldStrength" in m for m in messages), messages
+    assert any(
+        "1 of 4 FLAIR scans have no InversionTime in their sidecars; their timing (TR, TE, TI) is" in m
+        for m in messages
+    )
+    assert len(np.unique(slices.scan)) == scans and slices.skipped == []
+    sub2 = slices.subject == slices.subjects.index("sub-002")
+    assert np.isnan(slices.field_strength[sub2]).all() and np.isfinite(slices.field_strength[~sub2]).all()
+    untimed = sub2 & np.isin(slices.modality, [Modality.T2w.ordinal, Modality.FLAIR.ordinal])
+    timing = slices.conditions()[:, [CONDITION_VECTOR.index(n) for n in ("repetition_time", "echo_time")]]
+    assert np.isnan(timing[untimed]).all() and np.isfinite(timing[~untimed]).all()
+    assert slices.summary()["unknown"] == {"field_strength": int(sub2.sum()), "timing": int(untimed.sum())}
+
+
+def test_a_label_outside_the_vocabulary_is_read_as_other(site: Path) -> None:
+    """A participant labelled 'stroke' no longer refuses the site: the subject's slices are read
+    with the pathology condition unknown (never trained as a label), and the reader says so."""
+    _edit_participants(_label("stroke"))(site)
+    with pytest.warns(SiteDataWarning, match=r"outside the vocabulary .* `other`.*sub-002 \('stroke'\)"):
+        slices = read_site(site, strict=True, image_size=16)
+    other = slices.subject == slices.subjects.index("sub-002")
+    assert np.all(slices.pathology[other] == OTHER) and np.all(slices.pathology[~other] == Pathology.healthy.ordinal)
+    pathology = slices.conditions()[:, CONDITION_VECTOR.index("pathology")]
+    assert np.isnan(pathology[other]).all() and not np.isnan(pathology[~other]).any()
+    assert slices.summary()["pathologies"] == {"healthy": 3, "other": 1}
+
+
+def test_strict_mode_names_every_file_it_cannot_use(site: Path) -> None:
+    """Strict mode refuses the site only after looking at all of it, naming each file and why."""
+    truncated = _truncate(site)
+    renamed = _unknown_suffix(site)
+    milliseconds = _edit_sidecar("FLAIR", EchoTime=90)(site)
+    with pytest.raises(SiteDataError) as refused:
+        read_site(site, strict=True, image_size=16)
+    message = str(refused.value)
+    assert "strict mode refuses the site; 3 file(s) cannot be used" in message
+    assert f"{truncated}: corrupt or truncated NIfTI" in message
+    assert f"{renamed}: unknown modality suffix 'T2starw'" in message
+    assert f"{milliseconds}: RepetitionTime/EchoTime/InversionTime look like milliseconds" in message
+    lenient = read_site(site, strict=False, image_size=16)
+    assert {Path(f) for f, _ in lenient.skipped} == {truncated, renamed, milliseconds}
 
 
 def test_held_out_subjects_are_split_by_subject_and_stable(tiny_sites: Path) -> None:

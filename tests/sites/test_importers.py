@@ -60,13 +60,11 @@ def _summary(yaml_paths: list[Path]) -> dict:
 
 
 def _indexed(yaml_path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """(participant -> pathology, what the reader skipped) of an imported site; the reader may skip
-    a scan only for a sidecar field the dataset does not state (until item 2 makes those unknown)."""
+    """(participant -> pathology label, what the reader skipped) of an imported site, read strictly:
+    a sidecar field the dataset does not state is an unknown condition, never a skipped scan."""
     site = load_site(yaml_path)
-    index = index_site(site.data.bids_root, strict=False)
-    for file, reason in index.skipped:
-        assert any(f"sidecar field {key} is missing" in reason for key in SIDECAR_FIELDS), (file, reason)
-    return {s: p.pathology.value for s, p in index.subjects.items()}, index.skipped
+    index = index_site(site.data.bids_root, strict=True)
+    return {s: p.label for s, p in index.subjects.items()}, index.skipped
 
 
 # ---- IXI ---------------------------------------------------------------------------------------
@@ -415,6 +413,13 @@ def test_fastmri_brain_summary_shows_fields_and_contrasts(fastmri: Path, tmp_pat
     assert summary["subjects"] == 2 and summary["field_strengths"] == [1.494, 2.894]
     assert summary["modalities"].keys() == {"T1ce", "T2w", "FLAIR"}
     assert summary["pathologies"] == {"healthy": 2}
+
+
+def test_fastmri_brain_with_pathology_stated_as_other_is_read_as_other(fastmri: Path, tmp_path: Path) -> None:
+    """fastMRI states no diagnosis: `--assume pathology=other` says so, and the reader then uses
+    the slices with the pathology unknown instead of a label nobody stated."""
+    summary = _summary(_import("fastmri-brain", fastmri, tmp_path / "out", "pathology=other"))["fastmri-brain"]
+    assert summary["pathologies"] == {"other": 2}
 
 
 def test_fastmri_brain_without_reconstruction_is_named(fastmri: Path, tmp_path: Path) -> None:

@@ -1,0 +1,155 @@
+"""One scan as the reader sees it: a 3D magnitude volume on an axis-aligned RAS grid, and where its brain is.
+
+Real scanners hand over more than fedmri's phantom does: oblique slice stacks, 4D files holding
+one volume, signed (z-scored) intensities with a constant background, necks below the head and
+skull-stripped brains without one. This module turns each into the same thing, or refuses it
+with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+# A skull-stripped brain's top lies SCALP_MM below where the top of its head was: the scalp,
+# skull and CSF shells of the phantom, so both kinds of scan share one scale.
+from sites.anatomy import SCALP_MM
+
+# Axial slices are placed on the head, not on the file: position 1 is the top of the head (the
+# highest slice whose head area is at least TOP_AREA of the largest one) and position 0 lies
+# BRAIN_SPAN_MM below it. 144 mm is the span of the phantom's volumes, so their positions are
+# what they always were, and a neck below that span is never read.
+BRAIN_SPAN_MM = 144.0
+TOP_AREA = 0.1
+SLAB_AREA = 0.5  # within the span, slices whose head area is at least half the largest are kept
+# A single value filling at least this fraction of a signed volume is its background
+# (skull-stripped or z-scored data): it becomes 0, and the brain's 0.5th percentile becomes 0 too.
+CONSTANT_BACKGROUND = 0.2
+STRIPPED_BACKGROUND = 0.98  # see is_skull_stripped
+OBLIQUE_RADIANS = 1e-3  # a grid tilted more than this from the RAS axes is resampled
+
+
+class SiteDataError(ValueError):
+    """Site data that cannot be used; the message names the file and what is wrong."""
+
+
+def load_volume_affine(path: Path, order: int = 1) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """A scan as float32 magnitude on an axis-aligned RAS grid, its voxel size (mm), and its
+    voxel-to-world affine [4, 4] (mm).
+
+    A 4D file holding one volume is read as 3D. An oblique grid is resampled (spline `order`:
+    1 for images, 0 for masks) onto an RAS grid with the same voxel sizes that covers it.
+    Raises SiteDataError for corrupt or truncated files, several volumes in one file, complex or
+    non-numeric voxels, NaN/Inf voxels and empty volumes.
+    """
+    try:
+        image = nib.load(path)
+        if not isinstance(image, nib.spatialimages.SpatialImage):
+            raise SiteDataError(f"{path}: {type(image).__name__} is not an image volume")
+        if len(image.shape) == 4 and image.shape[3] == 1:
+            image = nib.funcs.squeeze_image(image)  # -> 3D
+        if len(image.shape) != 3:
+            raise SiteDataError(
+                f"{path}: expected one 3D volume, got shape {image.shape}"
+                + ("; split the file and keep one volume per scan" if len(image.shape) == 4 else "")
+            )
+        if image.get_data_dtype().kind not in "biuf":
+            raise SiteDataError(f"{path}: voxels of type {image.get_data_dtype()} are not real numbers")
+        image = nib.as_closest_canonical(image)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
+        if isinstance(err, SiteDataError):
+            raise
+        raise SiteDataError(f"{path}: corrupt or truncated NIfTI file ({type(err).__name__}: {err})") from None
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise SiteDataError(f"{path}: {int(bad.sum())} NaN or Inf voxels")
+    if data.size == 0 or data.max() == data.min():
+        raise SiteDataError(f"{path}: empty volume (every voxel is {data.flat[0] if data.size else 'absent'})")
+    data = to_magnitude(data)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if is_oblique(affine):
+        data, affine = resample_to_ras(data, affine, order)
+    zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(0)))
+    return data, zooms, affine  # type: ignore[return-value]
+
+
+def to_magnitude(data: np.ndarray) -> np.ndarray:
+    """Non-negative intensities with a zero background. -> float32, like `data`
+
+    Magnitude images (no negative voxel) are returned unchanged. A signed volume (z-scored, say)
+    is shifted: its constant background, if one value fills at least CONSTANT_BACKGROUND of it,
+    becomes 0 and so does the 0.5th percentile of the rest; otherwise its 0.5th percentile does.
+    """
+    if data.min() >= 0:
+        return data
+    values, counts = np.unique(data.ravel()[:: max(1, data.size // 500_000)], return_counts=True)
+    if counts.max() >= CONSTANT_BACKGROUND * counts.sum():
+        inside = data != values[counts.argmax()]
+        floor = np.percentile(data[inside], 0.5)
+        return np.where(inside, np.clip(data - floor, 0.0, None), 0.0).astype(np.float32)
+    return np.clip(data - np.percentile(data, 0.5), 0.0, None).astype(np.float32)
+
+
+def is_oblique(affine: np.ndarray) -> bool:
+    """Does any voxel axis of `affine` tilt more than OBLIQUE_RADIANS from its world axis?"""
+    return bool(np.max(nib.affines.obliquity(affine)) > OBLIQUE_RADIANS)
+
+
+def resample_to_ras(data: np.ndarray, affine: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """`data` on an axis-aligned grid with the same voxel sizes that covers the oblique one.
+    -> (volume, its diagonal affine)"""
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))  # voxel size along each array axis, mm
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in data.shape])), dtype=np.float64)  # -> [8, 3]
+    world = corners @ affine[:3, :3].T + affine[:3, 3]  # -> [8, 3] mm
+    low, high = world.min(0), world.max(0)
+    shape = tuple(int(n) for n in np.floor((high - low) / zooms + 1e-6) + 1)
+    target = np.diag([*zooms, 1.0])
+    target[:3, 3] = low
+    to_source = np.linalg.inv(affine) @ target  # target voxel -> world -> source voxel
+    out = ndimage.affine_transform(
+        data, to_source[:3, :3], to_source[:3, 3], output_shape=shape, order=order, mode="constant", cval=0.0
+    )
+    return out.astype(np.float32), target
+
+
+def foreground_of(data: np.ndarray) -> np.ndarray:
+    """The head: voxels above 10 % of the volume's 99th percentile. -> bool, like `data`"""
+    return data > 0.1 * np.percentile(data, 99)
+
+
+def is_skull_stripped(data: np.ndarray, foreground: np.ndarray) -> bool:
+    """Is everything around the head one value, as masking (skull stripping) leaves it?
+
+    Air around an unmasked head holds noise: on ../shared/real-dev at most 80 % of the voxels
+    two voxels or more outside the head share one value, while skull-stripped scans have 100 %.
+    """
+    step = max(1, round((data.size / 2_000_000) ** (1 / 3)))  # about 2M voxels at most: it is cheap
+    small, head = data[::step, ::step, ::step], foreground[::step, ::step, ::step]
+    outside = ~ndimage.binary_dilation(head, iterations=2)
+    if not outside.any():
+        return False
+    _, counts = np.unique(small[outside], return_counts=True)
+    return bool(counts.max() >= STRIPPED_BACKGROUND * outside.sum())
+
+
+def brain_slab(data: np.ndarray, foreground: np.ndarray, slice_mm: float) -> tuple[int, int, np.ndarray]:
+    """(first, last, positions): the axial indices of the slices a site keeps, and their positions.
+
+    Position 1 is the top of the head, the highest slice with at least TOP_AREA of the largest
+    head area; a skull-stripped scan's top is its brain's, placed SCALP_MM lower. Position 0 lies
+    BRAIN_SPAN_MM below the top. Kept slices lie within that span and cover at least SLAB_AREA of
+    the largest head area in it. -> (int, int, [last - first + 1] float32)
+    """
+    area = foreground.sum((0, 1))  # -> [Z]
+    top = int(np.nonzero(area >= TOP_AREA * area.max())[0].max())
+    below_top = (top - np.arange(len(area))) * slice_mm + (SCALP_MM if is_skull_stripped(data, foreground) else 0.0)
+    within = (below_top >= 0) & (below_top <= BRAIN_SPAN_MM + 1e-6)
+    keep = np.nonzero(within & (area >= SLAB_AREA * area[within].max()))[0]
+    first, last = int(keep.min()), int(keep.max())
+    return first, last, (1.0 - below_top[first : last + 1] / BRAIN_SPAN_MM).astype(np.float32)
