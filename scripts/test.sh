@@ -7,4 +7,6 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/mypy --strict common/protocol.py  # what crosses the client/server boundary
-.venv/bin/python -m pytest "$@"
+# Two workers: the `slow` real-process tests one after another on one of them, the rest on the
+# other (tests/conftest.py). They wait on Flower, Ray, heartbeats and imports much of the time.
+.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

@@ -11,9 +11,22 @@ import pytest
 # Site homes that a YAML does not name go under $FEDMRI_HOME: never the developer's ~/.fedmri.
 # Set at import, so that every subprocess a test starts (Flower, Ray, the CLI) inherits it.
 os.environ["FEDMRI_HOME"] = tempfile.mkdtemp(prefix="fedmri-home-")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh: two workers on two cores, one torch thread each
+    import torch
+
+    torch.set_num_threads(1)
 
 from sites import scenarios
 from sites.cli import make_scenario_sites
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup` (scripts/test.sh) the `slow` tests, which start real processes
+    (Flower, Ray, fresh Pythons), all run on one worker, one after another, while the other worker
+    takes the in-process tests. Two real-process tests side by side would each run at half speed."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("real-processes"))
 
 
 @pytest.fixture(scope="session")
