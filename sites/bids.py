@@ -243,7 +243,11 @@ def _world_z(affine: np.ndarray, shape: tuple[int, ...] | None, rows: np.ndarray
 
 
 def axial_slices(
-    data: np.ndarray, zooms: tuple[float, float, float], image_size: int, fov_mm: float
+    data: np.ndarray,
+    zooms: tuple[float, float, float],
+    image_size: int,
+    fov_mm: float,
+    slab: tuple[np.ndarray, tuple[int, int, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalized axial slices [S, image_size, image_size] in [0, 1] and their positions [S] in [0, 1].
 
@@ -252,10 +256,10 @@ def axial_slices(
     never read and position 0.5 is mid-brain with or without one. Each slice is resampled to a
     square `fov_mm` field of view centred on the kept part of the head (rows anterior to
     posterior, columns from the patient's left to right: neurological convention), divided by
-    the 99.5th percentile of the head and clipped to [0, 1].
+    the 99.5th percentile of the head and clipped to [0, 1]. `slab` is head_and_slab(data, zooms),
+    when the caller has it already.
     """
-    foreground = foreground_of(data)
-    z_lo, z_hi, positions = brain_slab(data, foreground, zooms[2])
+    foreground, (z_lo, z_hi, positions) = slab or head_and_slab(data, zooms)
     centre = ndimage.center_of_mass(foreground[:, :, z_lo : z_hi + 1])
 
     pixel = fov_mm / image_size
@@ -271,6 +275,14 @@ def axial_slices(
         resampled = ndimage.map_coordinates(plane, [cols, rows], order=1, mode="constant", cval=0.0)
         slices.append(np.clip(resampled / scale, 0.0, 1.0))
     return np.stack(slices).astype(np.float16), positions
+
+
+def head_and_slab(
+    data: np.ndarray, zooms: tuple[float, float, float]
+) -> tuple[np.ndarray, tuple[int, int, np.ndarray]]:
+    """The head mask and the brain slab (sites/volume.py) of a volume, computed once per scan."""
+    foreground = foreground_of(data)
+    return foreground, brain_slab(data, foreground, zooms[2])
 
 
 @dataclass
@@ -408,12 +420,15 @@ def read_site(
         finally:
             if progress:
                 progress(n + 1, len(index.scans))
-        images, positions = axial_slices(data, zooms, image_size, fov_mm)
+        slab = head_and_slab(data, zooms)
+        images, positions = axial_slices(data, zooms, image_size, fov_mm, slab)
         count = len(images)
         subject = index.subjects[scan.subject]
         columns["images"].append(images)
         columns["slice_position"].append(positions)
-        columns["pathology"].append(_slice_pathology(index.root, scan.subject, subject.pathology, data, zooms, affine))
+        kept = slab[1][:2]  # the first and last kept slice
+        labels = _slice_pathology(index.root, scan.subject, subject.pathology, kept, zooms, affine, data.shape)
+        columns["pathology"].append(labels)
         for name, value in (
             ("subject", subjects.index(scan.subject)),
             ("scan", n),
@@ -444,18 +459,19 @@ def _slice_pathology(
     root: Path,
     subject: str,
     pathology: Pathology | None,
-    data: np.ndarray,
+    kept: tuple[int, int],
     zooms: tuple[float, ...],
     affine: np.ndarray,
+    shape: tuple[int, ...],
 ) -> np.ndarray:
     """Per kept slice: the subject's pathology (OTHER for a label outside the vocabulary), except
     that a focal one (glioma, MS) holds only where the subject's lesion mask reaches the slice;
     without a mask, the subject's label."""
-    z_lo, z_hi, _ = brain_slab(data, foreground_of(data), zooms[2])
+    z_lo, z_hi = kept
     labels = np.full(z_hi - z_lo + 1, OTHER if pathology is None else pathology.ordinal)
     mask = lesion_mask_path(root, subject) if pathology in FOCAL else None
     if pathology is not None and mask is not None:
-        shows = lesion_in_slices(mask, affine, data.shape, np.arange(z_lo, z_hi + 1), zooms[2])
+        shows = lesion_in_slices(mask, affine, shape, np.arange(z_lo, z_hi + 1), zooms[2])
         labels = np.where(shows, pathology.ordinal, Pathology.healthy.ordinal)
     return labels
 
