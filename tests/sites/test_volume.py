@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from sites import volume
 from sites.bids import axial_slices
@@ -177,3 +178,31 @@ def test_complex_voxels_are_refused_by_name(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.complex64), np.eye(4)), path)
     with pytest.raises(SiteDataError, match=r"complex.nii.gz: voxels of type complex64 are not real numbers"):
         load_volume_affine(path)
+
+
+def test_only_masked_scans_count_as_skull_stripped(tiny_sites: Path, tmp_path: Path) -> None:
+    """A skull-stripped brain (one value all around it) is; a full head in noisy air is not, and
+    neither is a phantom scan whose head fills its field of view (a handful of voxels around it
+    can all share one value by chance)."""
+    affine, shape = grid(2.0, np.eye(3), (200, 220, 180))
+    stripped = write_scan(tmp_path / "stripped.nii.gz", affine, shape, scalp=False)
+    brain = np.asarray(nib.load(stripped).dataobj)
+    nib.save(nib.Nifti1Image(np.where(brain > 0.05, brain, 0.0), affine), stripped)  # the mask's zeros
+    full = write_scan(tmp_path / "full.nii.gz", affine, shape)
+    noisy = np.asarray(nib.load(full).dataobj) + np.abs(np.random.default_rng(0).normal(0, 0.01, shape))
+    nib.save(nib.Nifti1Image(noisy.astype(np.float32), affine), full)
+
+    def stripped_(path: Path) -> bool:
+        data, _, _ = load_volume_affine(path)
+        return volume.is_skull_stripped(data, volume.foreground_of(data))
+
+    assert stripped_(stripped) and not stripped_(full)
+    # A head that fills its field of view (tissue everywhere), but for one corner of zeros.
+    filled = np.random.default_rng(1).uniform(0.5, 1.0, (60, 60, 40)).astype(np.float32)
+    filled[:6, :6, :] = 0.0
+    around = ~ndimage.binary_dilation(volume.foreground_of(filled), iterations=2)
+    assert 0 < around.sum() < 0.01 * around.size  # every voxel around the head is 0
+    nib.save(nib.Nifti1Image(filled, np.eye(4)), tmp_path / "filled.nii.gz")
+    assert not stripped_(tmp_path / "filled.nii.gz")
+    phantom = sorted(tiny_sites.glob("*/sub-*/anat/*.nii.gz"))
+    assert len(phantom) > 20 and not any(stripped_(path) for path in phantom)
