@@ -58,9 +58,12 @@ def _quiet_unless_verbose(
 _DEFAULTS = RunConfig()  # the federation's defaults: `simulate` and `demo` take theirs from here
 
 # The demo is a short run on 2 CPU cores: per sampled subject it averages fewer slices and noise
-# draws than RunConfig's K and M (client/trainer.py). Its other settings are RunConfig's.
+# draws than RunConfig's K and M (client/trainer.py), and takes fewer steps per round. At the
+# same ε the sites then calibrate a smaller σ, so the signal over the run, √steps/σ, falls only
+# 8 % (60 -> 42 steps; docs/generator.md). Its other settings are RunConfig's.
 DEMO_SLICES_PER_SUBJECT = 2
 DEMO_NOISE_DRAWS = 1
+DEMO_LOCAL_STEPS = 14
 
 
 @federation.command(rich_help_panel=FEDERATION_PANEL)
@@ -218,7 +221,9 @@ def _release_vs_base(release_grid: Path, base_grid: Path, out: Path) -> dict:
 def demo(
     out: Annotated[Path, typer.Option(help="Everything the demo writes goes here.")] = Path("runs/demo"),
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = _DEFAULTS.num_server_rounds,
-    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.")] = _DEFAULTS.local_steps,
+    local_steps: Annotated[
+        int, typer.Option(help=f"DP-SGD steps per site per round (the run config's is {_DEFAULTS.local_steps}).")
+    ] = DEMO_LOCAL_STEPS,
     slices_per_subject: Annotated[
         int,
         typer.Option(

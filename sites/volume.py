@@ -135,11 +135,24 @@ def is_skull_stripped(data: np.ndarray, foreground: np.ndarray) -> bool:
     """
     step = max(1, math.ceil((data.size / 250_000) ** (1 / 3)))  # every step-th voxel: at most ~250k of them
     small, head = data[::step, ::step, ::step], foreground[::step, ::step, ::step]
-    outside = ~ndimage.binary_dilation(head, iterations=2)
+    outside = ~dilate_6(dilate_6(head))
     if outside.sum() < STRIPPED_MIN_OUTSIDE * outside.size:  # a head that fills its field of view
         return False
     around = small[outside]
     return bool(np.count_nonzero(around == around.min()) >= STRIPPED_BACKGROUND * around.size)
+
+
+def dilate_6(mask: np.ndarray) -> np.ndarray:
+    """`mask` grown by one voxel along each axis (6-neighbourhood), nothing entering from beyond the
+    border: scipy's `binary_dilation(mask)`, by array shifts, about 20 times faster. -> bool, like `mask`"""
+    out = mask.copy()
+    for axis in range(mask.ndim):
+        ahead = [slice(None)] * mask.ndim
+        behind = [slice(None)] * mask.ndim
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        out[tuple(ahead)] |= mask[tuple(behind)]
+        out[tuple(behind)] |= mask[tuple(ahead)]
+    return out
 
 
 def brain_slab(data: np.ndarray, foreground: np.ndarray, slice_mm: float) -> tuple[int, int, np.ndarray]:

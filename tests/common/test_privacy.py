@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.privacy import Segment, calibrate_noise, default_delta, epsilon
+from common.privacy import PRV_RDP_CUTOFF, Segment, calibrate_noise, default_delta, epsilon
 
 RATES = st.floats(min_value=0.01, max_value=0.5)
 SIGMAS = st.floats(min_value=0.6, max_value=3.0)
@@ -92,3 +92,35 @@ def test_edge_cases() -> None:
     assert default_delta(100) == 1e-5 and default_delta(100_000) == 1e-6
     with pytest.raises(ValueError, match="sample_rate"):
         Segment(1.5, 1.0, 1)
+
+
+def _prv_by_definition(segments: list[Segment], delta: float) -> float:
+    """What `epsilon(..., "prv")` promises, spelled out with Opacus and no shortcut or memo."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in segments]
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    bound = rdp.get_epsilon(delta=delta)
+    if bound > PRV_RDP_CUTOFF:
+        return float(bound)
+    prv = PRVAccountant()
+    prv.history = list(history)
+    return float(prv.get_epsilon(delta=delta))
+
+
+@settings(max_examples=12, deadline=None)  # PRV takes about a second per composition
+@given(q=st.floats(0.02, 0.6), sigma=st.floats(0.3, 2.0), steps=st.integers(1, 400))
+def test_prv_with_its_shortcuts_equals_its_definition(q: float, sigma: float, steps: int) -> None:
+    """The integer-order pre-check and the memo never change the answer, on either side of the cutoff."""
+    segments = [Segment(q, sigma, steps), Segment(q / 2, sigma * 1.5, steps)]
+    expected = _prv_by_definition(segments, 1e-5)
+    assert epsilon(segments, 1e-5, "prv") == expected
+    assert epsilon(segments, 1e-5, "prv") == expected  # memoized: the same value again
+
+
+def test_prv_cutoff_cases_are_exercised() -> None:
+    """The property above covers both sides: one case far below the cutoff, one far above."""
+    low, high = [Segment(0.1, 1.5, 50)], [Segment(0.6, 0.3, 400)]
+    assert epsilon(low, 1e-5, "prv") == _prv_by_definition(low, 1e-5) < PRV_RDP_CUTOFF
+    assert epsilon(high, 1e-5, "prv") == _prv_by_definition(high, 1e-5) > PRV_RDP_CUTOFF

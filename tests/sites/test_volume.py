@@ -206,3 +206,11 @@ def test_only_masked_scans_count_as_skull_stripped(tiny_sites: Path, tmp_path: P
     assert not stripped_(tmp_path / "filled.nii.gz")
     phantom = sorted(tiny_sites.glob("*/sub-*/anat/*.nii.gz"))
     assert len(phantom) > 20 and not any(stripped_(path) for path in phantom)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 1, 4), (17, 23, 9)])
+def test_dilate_6_is_scipys_binary_dilation(shape: tuple[int, int, int]) -> None:
+    mask = np.random.default_rng(sum(shape)).random(shape) > 0.9
+    mask.flat[0] = mask.flat[-1] = True  # voxels on the border grow only inwards
+    assert np.array_equal(volume.dilate_6(mask), ndimage.binary_dilation(mask))
+    assert np.array_equal(volume.dilate_6(volume.dilate_6(mask)), ndimage.binary_dilation(mask, iterations=2))
