@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,8 @@ from common.weights import base_model_dir
 from sites.bids import SiteSlices, read_site_data, split_subjects
 from sites.config import SiteConfig, load_site
 
+log = logging.getLogger("fedmri.client")
+
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -39,7 +42,10 @@ def site_data(yaml_path: str) -> tuple[SiteConfig, SiteSlices, SiteSlices]:
     Read once per process (and cached on disk by the reader).
     """
     site = load_site(yaml_path)
-    training, heldout = split_subjects(read_site_data(site), site.site_id, site.data.holdout_fraction)
+    slices = read_site_data(site)
+    for file, reason in slices.skipped:  # lenient mode: what this site trains without, by name
+        log.warning("%s: skipped %s: %s", site.site_id, file, reason)
+    training, heldout = split_subjects(slices, site.site_id, site.data.holdout_fraction)
     return site, training, heldout
 
 

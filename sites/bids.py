@@ -21,7 +21,8 @@ from common.conditions import CONDITION_VECTOR, Modality, Pathology
 from sites.config import SiteConfig
 from sites.volume import SiteDataError, brain_slab, foreground_of, load_volume_affine
 
-READER_VERSION = 3  # 2: per-slice lesion labels from lesion masks; 3: real scanners (sites/volume.py)
+READER_VERSION = 4  # 2: per-slice lesion labels from lesion masks; 3: real scanners (sites/volume.py);
+# 4: stacks cut through the head have unknown positions, an unusable lesion mask drops its scans
 # Focal pathologies: a slice of such a subject is labelled with it only where the subject's
 # lesion mask (if the site has one) reaches the slice; elsewhere the slice is labelled healthy.
 FOCAL = (Pathology.glioma, Pathology.ms)
@@ -194,7 +195,10 @@ def _index_scan(path: Path, subjects: dict[str, Subject], problems: _Problems, m
             return None
         values[key] = float(value) if value is not None else None
     tr, te, ti = values["RepetitionTime"], values["EchoTime"], values["InversionTime"]
-    if (tr is not None and tr > 100) or (te is not None and te > 10) or (ti is not None and ti > 100):
+    # In seconds a TR stays under 100 (FLAIR: ~10), a TE under 1 and a TI under 100 (FLAIR: ~2.5);
+    # in ms even a short TE (2-5 ms) is above 1. A short TR in ms (8 ms) is a plausible FLAIR TR in
+    # seconds, so it cannot be told apart: TE is the field that catches such sidecars.
+    if (tr is not None and tr > 100) or (te is not None and te > 1) or (ti is not None and ti > 100):
         problems.report(sidecar_path, "RepetitionTime/EchoTime/InversionTime look like milliseconds; BIDS uses seconds")
         return None
     for key, value in values.items():
@@ -227,7 +231,7 @@ def lesion_in_slices(
     The mask may lie on another grid: slices are matched by their world z (mm), each mask
     slice counting towards every scan slab it overlaps. -> [len(rows)] bool
     """
-    mask, mask_zooms, mask_affine = load_volume_affine(mask_path, order=0)
+    mask, mask_zooms, mask_affine = load_volume_affine(mask_path, order=0, constant_ok=True)
     counts = (mask > 0).sum((0, 1))  # -> [mask slices]
     mask_z = _world_z(mask_affine, mask.shape, np.arange(mask.shape[2]))  # -> [mask slices]
     scan_z = _world_z(affine, shape, rows)  # -> [len(rows)]
@@ -298,7 +302,7 @@ class SiteSlices:
     repetition_time: np.ndarray  # [N] s; NaN = unknown
     echo_time: np.ndarray  # [N] s; NaN = unknown
     inversion_time: np.ndarray  # [N] s, NaN when not an inversion-recovery scan or unknown
-    slice_position: np.ndarray  # [N] 1 = top of the head, 0 = 144 mm below (sites/volume.py)
+    slice_position: np.ndarray  # [N] 1 = top of the head, 0 = 144 mm below (sites/volume.py); NaN = unknown
     subjects: list[str]
     skipped: list[tuple[str, str]]
 
@@ -327,6 +331,7 @@ class SiteSlices:
         unknown = {
             "field_strength": int(np.isnan(self.field_strength).sum()),
             "timing": int((np.isnan(self.repetition_time) | np.isnan(self.echo_time)).sum()),
+            "slice_position": int(np.isnan(self.slice_position).sum()),
         }
         return {
             "subjects": len(self.subjects),
@@ -409,8 +414,9 @@ def read_site(
         problems.check(index.root)
         return cached
     problems.skipped.extend(index.skipped)
-    subjects = sorted({s.subject for s in index.scans})
+    subjects = sorted({s.subject for s in index.scans})  # re-indexed below to those with a kept scan
     columns: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
+    unplaced: list[str] = []  # scans whose slice positions are unknown
     for n, scan in enumerate(index.scans):
         try:
             data, zooms, affine = load_volume_affine(scan.path)
@@ -421,13 +427,19 @@ def read_site(
             if progress:
                 progress(n + 1, len(index.scans))
         slab = head_and_slab(data, zooms)
-        images, positions = axial_slices(data, zooms, image_size, fov_mm, slab)
-        count = len(images)
+        kept = slab[1][:2]  # the first and last kept slice
         subject = index.subjects[scan.subject]
+        try:  # a corrupt lesion mask, or two: the scan's per-slice labels are unknown, so it is dropped
+            labels = _slice_pathology(index.root, scan.subject, subject.pathology, kept, zooms, affine, data.shape)
+        except SiteDataError as err:
+            problems.report(scan.path, f"its lesion mask cannot be used: {err}")
+            continue
+        images, positions = axial_slices(data, zooms, image_size, fov_mm, slab)
+        if np.isnan(positions).any():
+            unplaced.append(scan.path.name)
+        count = len(images)
         columns["images"].append(images)
         columns["slice_position"].append(positions)
-        kept = slab[1][:2]  # the first and last kept slice
-        labels = _slice_pathology(index.root, scan.subject, subject.pathology, kept, zooms, affine, data.shape)
         columns["pathology"].append(labels)
         for name, value in (
             ("subject", subjects.index(scan.subject)),
@@ -440,12 +452,23 @@ def read_site(
         ):
             columns[name].append(np.full(count, value))
     problems.check(index.root)
+    if unplaced:
+        warnings.warn(
+            f"{index.root}: {len(unplaced)} scans stop below the top of the head, so their slice positions are "
+            f"unknown (sites/volume.py brain_slab): {', '.join(unplaced[:5])}" + (" ..." if len(unplaced) > 5 else ""),
+            SiteDataWarning,
+            stacklevel=2,
+        )
     if not columns["images"]:
         details = "; ".join(f"{f}: {r}" for f, r in problems.skipped[:5])
         raise SiteDataError(f"{index.root}: no usable scans" + (f" (skipped: {details})" if details else ""))
     dtypes = {"images": np.float16, "subject": np.int32, "scan": np.int32, "modality": np.int8, "pathology": np.int8}
     arrays = {name: np.concatenate(parts).astype(dtypes.get(name, np.float32)) for name, parts in columns.items()}
-    result = SiteSlices(**arrays, subjects=subjects, skipped=problems.skipped)
+    present = np.unique(arrays["subject"])  # a subject whose every scan was dropped is not a subject here
+    remap = np.full(len(subjects), -1, dtype=np.int32)
+    remap[present] = np.arange(len(present))
+    arrays["subject"] = remap[arrays["subject"]]
+    result = SiteSlices(**arrays, subjects=[subjects[i] for i in present], skipped=problems.skipped)
     if key and cache_dir:
         _save_cache(Path(cache_dir), key, result, index.root)
     return result

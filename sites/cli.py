@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated
@@ -114,6 +115,7 @@ def summarize(yaml_paths: list[Path]) -> None:
     table = Table(title="sites, as their clients will read them")
     for column in ("site", "field", "subjects", "pathologies", "modalities (slices)", "skipped"):
         table.add_column(column)
+    skipped: list[str] = []  # every file a site's reader dropped, with its reason
     with _progress() as progress:
         for path in yaml_paths:
             cfg = load_site(path)
@@ -136,7 +138,12 @@ def summarize(yaml_paths: list[Path]) -> None:
                 ", ".join(f"{k} ({v})" for k, v in s["modalities"].items()),
                 str(len(s["skipped"])),
             )
+            skipped += [f"{cfg.site_id}: {entry['file']}: {entry['reason']}" for entry in s["skipped"]]
     console.print(table)
+    if skipped:
+        console.print(f"skipped files ({len(skipped)}), each with its reason:")
+        for line in skipped:
+            console.print(f"  {line}", markup=False, highlight=False)
 
 
 @app.command("summary")
@@ -207,16 +214,20 @@ def import_(
     Each site's README says how every value was obtained and what was left out, and why.
     Layouts, licences and recipes: docs/datasets.md.
     """
-    from sites.importers import import_dataset
+    from sites.importers import CONVERTED, import_dataset
     from sites.importers.site_writer import DatasetImportError, Options, parse_assumptions
 
-    command = " ".join(
-        ["fedmri sites import", dataset, str(src), "--out", str(out)] + [f"--assume {a}" for a in assume or []]
-    )
+    words = ["fedmri", "sites", "import", dataset, str(src), "--out", str(out), "--copy" if copy else "--link"]
+    words += [w for a in assume or [] for w in ("--assume", a)]
+    words += [w for name, value in (("--partitioning", partitioning), ("--clinical", clinical)) if value for w in (name, str(value))]  # fmt: skip
+    command = shlex.join(words)  # as given, so the site README's copy can be run again
     try:
         options = Options(out, copy, parse_assumptions(assume or []))
-        mode = "copied" if copy else "linked (symlinks to SRC)"
-        console.print(f"importing {dataset} from {src} into {out}; NIfTI data {mode}")
+        if dataset in CONVERTED:
+            mode = "converted from HDF5 (reconstruction_rss) and written as NIfTI"
+        else:
+            mode = "copied" if copy else "linked (symlinks to SRC)"
+        console.print(f"importing {dataset} from {src} into {out}; image data {mode}")
         paths = import_dataset(dataset, src, options, command, console.print, partitioning, clinical)
     except DatasetImportError as err:
         console.print(f"[red]error:[/red] {err}")

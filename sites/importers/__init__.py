@@ -7,6 +7,24 @@ from pathlib import Path
 from sites.importers.site_writer import DatasetImportError, Options, Report
 
 DATASETS = ("ixi", "brats", "fets", "oasis3", "fastmri-brain", "m4raw")
+# Datasets stored as k-space HDF5: their magnitude images are converted and written as NIfTI.
+CONVERTED = frozenset({"fastmri-brain", "m4raw"})
+# What each dataset can leave unstated, so what --assume may fill (stated values always win).
+# Whatever else a dataset states for every subject: an --assume for it is refused, not ignored.
+ASSUMABLE = {
+    "ixi": frozenset(),
+    "brats": frozenset({"field"}),
+    "fets": frozenset({"field"}),
+    "oasis3": frozenset({"field", "pathology"}),
+    "fastmri-brain": frozenset({"field", "pathology"}),
+    "m4raw": frozenset(),
+}
+STATED = {
+    "ixi": "IXI states every scanner's field strength (by hospital) and that every subject is healthy",
+    "brats": "BraTS states that every subject has a glioma",
+    "fets": "FeTS (BraTS) states that every subject has a glioma",
+    "m4raw": "M4Raw states its one 0.3 T scanner and that every subject is a healthy volunteer",
+}
 
 
 def import_dataset(
@@ -25,6 +43,9 @@ def import_dataset(
         raise DatasetImportError("--partitioning applies to fets only")
     if clinical is not None and dataset != "oasis3":
         raise DatasetImportError("--clinical applies to oasis3 only")
+    refused = sorted(options.assume.given() - ASSUMABLE[dataset])
+    if refused:
+        raise DatasetImportError(f"--assume {refused[0]}=... does not apply to {dataset}: {STATED[dataset]}")
     if not src.is_dir():
         raise DatasetImportError(f"{src}: not a folder; give the extracted dataset")
     options.out.mkdir(parents=True, exist_ok=True)

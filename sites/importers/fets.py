@@ -17,7 +17,15 @@ from pathlib import Path
 
 from common.conditions import Modality
 from sites.importers.brats import NOTES, Naming, read_case
-from sites.importers.site_writer import DatasetImportError, DatasetInfo, Options, Report, Site, write_site
+from sites.importers.site_writer import (
+    DatasetImportError,
+    DatasetInfo,
+    Options,
+    Report,
+    Site,
+    write_left_out,
+    write_site,
+)
 
 DATASET = DatasetInfo(
     name="FeTS 2022",
@@ -68,11 +76,11 @@ def import_fets(src: Path, options: Options, command: str, report: Report, parti
         match = NAMING.folder.match(case)
         assert match is not None
         read_case(folders[case], case, NAMING, sites[site_id], options.assume, match.group(1))
-    for case in sorted(set(folders) - set(partitions)):
-        report(f"skipped {folders[case]}: not listed in {csv_path}")
-    return [
-        write_site(site, DATASET, options, command, report) for site in sorted(sites.values(), key=_id) if site.scans
-    ]
+    unlisted = [(str(folders[case]), f"not listed in {csv_path}") for case in sorted(set(folders) - set(partitions))]
+    ordered = sorted(sites.values(), key=_id)
+    paths = [write_site(site, DATASET, options, command, report) for site in ordered if site.scans]
+    write_left_out(options.out, "fets", unlisted, [site for site in ordered if not site.scans], report)
+    return paths
 
 
 def _id(site: Site) -> str:

@@ -23,6 +23,7 @@ from sites.importers.site_writer import (
     Scan,
     Site,
     check_nifti,
+    write_left_out,
     write_site,
 )
 
@@ -90,6 +91,6 @@ def import_ixi(src: Path, options: Options, command: str, report: Report) -> lis
             "InstitutionName": scanner.institution,
         }
         site.scans.append(Scan(label, MODALITIES[contrast], sidecar, source=path))
-    for file, reason in unplaced:
-        report(f"skipped {file}: {reason}")
-    return [write_site(site, DATASET, options, command, report) for site in sites.values() if site.scans]
+    paths = [write_site(site, DATASET, options, command, report) for site in sites.values() if site.scans]
+    write_left_out(options.out, "ixi", unplaced, [site for site in sites.values() if not site.scans], report)
+    return paths

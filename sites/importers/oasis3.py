@@ -108,7 +108,8 @@ def _sidecar_of(nifti: Path) -> Path:
     return beside if beside.exists() or nifti.parent.name != "NIFTI" else nifti.parent.parent / "BIDS" / f"{stem}.json"
 
 
-def _session_scans(folder: Path, site: Site, assume: Assumptions) -> list[Scan]:
+def _session_scans(folder: Path, owner: str, site: Site, assume: Assumptions) -> list[Scan]:
+    """The scans of one session folder of subject `owner`."""
     scans, seen = [], set()
     for path in sorted(folder.glob("anat*/**/*.nii*")):
         match = _FILE.match(path.name)
@@ -116,6 +117,9 @@ def _session_scans(folder: Path, site: Site, assume: Assumptions) -> list[Scan]:
             site.skipped.append((str(path), "not a T1w, T2w or FLAIR scan fedmri reads"))
             continue
         subject, session, entities, suffix = match.group(1), match.group(2), match.group(3), match.group(4)
+        if subject != owner:
+            site.skipped.append((str(path), f"names subject {subject} but lies in {owner}'s session folder"))
+            continue
         stem = f"{session}{entities}_{suffix}"
         if stem in seen:
             site.skipped.append((str(path), "same BIDS name as another scan of this session (no run entity)"))
@@ -166,7 +170,7 @@ def import_oasis3(src: Path, options: Options, command: str, report: Report, cli
             else:
                 site.skipped.append((str(folder), f"no CDR visit within {MAX_VISIT_GAP_DAYS} days in {cdr_path.name}"))
                 continue
-            scans = _session_scans(folder, site, options.assume)
+            scans = _session_scans(folder, subject, site, options.assume)
             if scans:
                 chosen = folder
                 site.scans.extend(scans)

@@ -53,6 +53,12 @@ class Assumptions:
     pathology: Pathology | None = None
     pathology_other: bool = False  # --assume pathology=other: read as `other`, never trained as a label
 
+    def given(self) -> set[str]:
+        """The keys the user stated: "field", "pathology"."""
+        stated = {"field": self.field is not None or self.field_unknown,
+                  "pathology": self.pathology is not None or self.pathology_other}  # fmt: skip
+        return {key for key, value in stated.items() if value}
+
 
 def pathology_label(pathology: Pathology | None) -> str:
     """participants.tsv's label: the pathology's, or OTHER_LABEL for None."""
@@ -225,6 +231,22 @@ def write_site(site: Site, dataset: DatasetInfo, options: Options, command: str,
     return yaml_path
 
 
+def write_left_out(out: Path, dataset: str, left_out: list[tuple[str, str]], empty: list[Site], report: Report) -> None:
+    """What belongs to no written site: files no site claims, and sites left with no scans (with
+    what their scans were skipped for). Listed on the console and in OUT/<dataset>-left-out.tsv."""
+    rows = list(left_out)
+    for site in empty:
+        rows.append((site.site_id, "no scans left, so no site was written"))
+        rows.extend(site.skipped)
+    if not rows:
+        return
+    for file, reason in rows:
+        report(f"left out {file}: {reason}")
+    path = out / f"{dataset}-left-out.tsv"
+    path.write_text("file\treason\n" + "".join(f"{file}\t{reason}\n" for file, reason in rows))
+    report(f"{len(rows)} left out, listed in {path}")
+
+
 def _write_description(root: Path, dataset: DatasetInfo, site_id: str, with_masks: bool) -> None:
     description = {
         "Name": f"{dataset.name}: {site_id}",
@@ -299,8 +321,23 @@ def _write_participants(root: Path, participants: list[Participant]) -> None:
     (root / "participants.json").write_text(json.dumps(columns, indent=2))
 
 
+def data_mode(site: Site, copy: bool) -> str:
+    """How the site's image files came from the source: converted and written, copied, or linked."""
+    converted = sum(scan.volume is not None for scan in site.scans)
+    placed = len(site.scans) - converted + sum(p.lesion_mask is not None for p in site.participants.values())
+    parts = [
+        f"{converted} scans converted from the source's HDF5 (reconstruction_rss) and written here as NIfTI"
+    ] * bool(converted)
+    if placed:
+        parts.append(
+            f"{placed} files "
+            + ("copied into this folder" if copy else "symbolic links to the source files (not copied)")
+        )
+    return "; ".join(parts) or "none"
+
+
 def _readme(site: Site, dataset: DatasetInfo, options: Options, command: str) -> str:
-    mode = "copied into this folder" if options.copy else "symbolic links to the source files (not copied)"
+    mode = data_mode(site, options.copy)
     lines = [
         f"# {site.site_id}: imported from {dataset.name}",
         "",
@@ -308,7 +345,7 @@ def _readme(site: Site, dataset: DatasetInfo, options: Options, command: str) ->
         f"Source: {dataset.url}",
         f"Licence: {dataset.license}",
         f"Layout read as documented in: {dataset.layout_source}",
-        f"NIfTI data from the source: {mode}.",
+        f"Image data from the source: {mode}.",
         "",
         "## How values were obtained",
         *[f"- {note}" for note in site.notes],

@@ -59,9 +59,8 @@ FROM_CONFIG: dict[str, tuple[type, dict[str, str]]] = {
         "client_dp_noise": "client_dp_noise", "client_dp_clip": "client_dp_clip",
         "slices_per_subject": "slices_per_subject", "noise_draws": "noise_draws", "device": "device",
     }),
-    "demo": (RunConfig, {  # the demo's K and M are its own (simulation/cli.py says why)
-        "rounds": "num_server_rounds", "local_steps": "local_steps", "mode": "finetune_mode",
-        "learning_rate": "learning_rate",
+    "demo": (RunConfig, {  # the demo's K, M and local steps are its own (simulation/cli.py says why)
+        "rounds": "num_server_rounds", "mode": "finetune_mode", "learning_rate": "learning_rate",
     }),
     "evaluate": (RunConfig, {
         "samples": "eval_samples", "grid_samples": "eval_grid_samples", "steps": "eval_steps",

@@ -215,6 +215,7 @@ BAD_INPUTS = {
         r"sub-002_FLAIR.json: sidecar field RepetitionTime is not a positive number \('fast'",
     ),
     "milliseconds": (_edit_sidecar("T2w", EchoTime=90), "sub-002_T2w.json: .* look like milliseconds"),
+    "a short TE in milliseconds": (_edit_sidecar("T2w", EchoTime=4.6), "sub-002_T2w.json: .* look like milliseconds"),
     "unknown suffix": (_unknown_suffix, "sub-002_T2starw.nii.gz: unknown modality suffix 'T2starw'"),
     "subject not in participants.tsv": (
         _edit_participants(_drop_subject),
@@ -338,3 +339,32 @@ def test_held_out_subjects_are_split_by_subject_and_stable(tiny_sites: Path) -> 
     assert len(split_subjects(data, "tiny-public", 0.0)[1].subjects) == 0
     splits = {tuple(split_subjects(data, f"site-{i}", 0.25)[1].subjects) for i in range(12)}
     assert len(splits) > 1
+
+
+def test_an_empty_lesion_mask_is_lesion_free_and_a_corrupt_one_is_named(tiny_sites: Path, tmp_path: Path) -> None:
+    """An all-zero mask (no lesion in this subject's scans) labels every slice healthy. A corrupt
+    mask makes the subject's per-slice labels unknown: strict mode refuses, naming each scan and
+    the mask; lenient mode drops those scans, names them, and reads the rest of the site."""
+    from sites.bids import lesion_mask_path
+
+    root = Path(shutil.copytree(tiny_sites / "tiny-a", tmp_path / "tiny-a"))
+    before = read_site(root, image_size=16)
+    i = next(i for i in range(len(before.subjects)) if (before.pathology[before.subject == i] == Pathology.glioma.ordinal).any())  # fmt: skip
+    subject = before.subjects[i]
+    mask = lesion_mask_path(root, subject)
+    assert mask is not None
+    image = nib.load(mask)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), mask)
+    empty = read_site(root, image_size=16)
+    assert np.all(empty.pathology[empty.subject == i] == Pathology.healthy.ordinal)
+    assert not empty.skipped
+
+    mask.write_bytes(mask.read_bytes()[:200])
+    with pytest.raises(SiteDataError) as refused:
+        read_site(root, strict=True, image_size=16)
+    scans = sorted(p.name for p in (root / subject / "anat").glob("*.nii.gz"))
+    for name in scans:
+        assert re.search(rf"{name}: its lesion mask cannot be used: .*{mask.name}: corrupt", str(refused.value))
+    lenient = read_site(root, strict=False, image_size=16)
+    assert subject not in lenient.subjects and len(lenient.subjects) == len(before.subjects) - 1
+    assert sorted(Path(f).name for f, _ in lenient.skipped) == scans

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 from pathlib import Path
 
 import h5py
@@ -488,7 +489,7 @@ def test_cli_imports_prints_one_line_per_subject_and_refuses_to_overwrite(oasis3
     args = ["sites", "import", "oasis3", str(oasis3), "--out", str(tmp_path / "out")]
     first = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert first.exit_code == 0, first.output
-    assert "NIfTI data linked (symlinks to SRC)" in first.output
+    assert "image data linked (symlinks to SRC)" in first.output
     assert "oasis3: sub-OAS30001 (healthy): FLAIR, T1w, T2w" in first.output
     again = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert again.exit_code == 2 and "already exists" in again.output
@@ -509,3 +510,140 @@ def test_the_reader_refuses_an_imported_site_whose_link_broke(ixi: Path, tmp_pat
     (ixi / "IXI025-IOP-0900-T1.nii.gz").unlink()
     with pytest.raises(SiteDataError, match=re.escape("sub-IXI025_T1w.nii.gz")):
         load_volume(Path(load_site(paths[2]).data.bids_root) / "sub-IXI025" / "anat" / "sub-IXI025_T1w.nii.gz")
+
+
+# ---- every importer: one malformed case of each kind it can meet ---------------------------------
+
+
+@pytest.mark.parametrize("dataset", ["ixi", "fets", "oasis3", "fastmri-brain"])
+def test_a_corrupt_file_is_named(dataset: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """(BraTS and M4Raw have their own above.) The import stops at the first corrupt file, by name."""
+    fixture = {"ixi": "ixi", "fets": "fets", "oasis3": "oasis3", "fastmri-brain": "fastmri"}[dataset]
+    src: Path = request.getfixturevalue(fixture)
+    bad = (
+        src
+        / {
+            "ixi": "IXI012-HH-1211-T1.nii.gz",
+            "fets": "FeTS2022_00001/FeTS2022_00001_t1.nii.gz",
+            "oasis3": "OAS30001_MR_d0129/anat1/sub-OAS30001_ses-d0129_run-01_T1w.nii.gz",
+            "fastmri-brain": "file_brain_AXT2_201_6002781.h5",
+        }[dataset]
+    )
+    _truncate(bad)
+    kind = "HDF5" if dataset == "fastmri-brain" else "NIfTI"
+    assume = {"fets": ["field=3"], "fastmri-brain": ["pathology=healthy"]}.get(dataset, [])
+    with pytest.raises(DatasetImportError, match=f"^{re.escape(str(bad))}: corrupt or truncated {kind} file "):
+        _import(dataset, src, tmp_path / "out", *assume)
+
+
+def test_oasis3_a_sidecar_without_field_strength_needs_it_stated(oasis3: Path, tmp_path: Path) -> None:
+    sidecar = next(oasis3.rglob("sub-OAS30001_ses-d0129_FLAIR.json"))
+    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "MagneticFieldStrength"}))  # fmt: skip
+    with pytest.raises(
+        DatasetImportError, match=f"^{re.escape(str(sidecar))}: the dataset does not state the magnetic"
+    ):
+        _import("oasis3", oasis3, tmp_path / "out")
+    (path,) = _import("oasis3", oasis3, tmp_path / "out", "field=3")
+    flair = next(Path(load_site(path).data.bids_root).rglob("*_FLAIR.json"))
+    assert json.loads(flair.read_text())["fedmriAssumptions"] == {"MagneticFieldStrength": "stated by the user: --assume field=3"}  # fmt: skip
+
+
+def test_fastmri_brain_a_header_without_field_strength_needs_it_stated(fastmri: Path, tmp_path: Path) -> None:
+    bad = _h5(fastmri / "file_brain_AXT2_209_6001000.h5", _ismrmrd_header(None, 6000, 113, None), {}, 3)
+    with pytest.raises(DatasetImportError, match=f"^{re.escape(str(bad))}: the dataset does not state the magnetic"):
+        _import("fastmri-brain", fastmri, tmp_path / "out", "pathology=healthy")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "fixture", "assume", "stated"),
+    [
+        ("ixi", "ixi", "pathology=healthy", "IXI states every scanner's field strength"),
+        ("ixi", "ixi", "field=3", "IXI states every scanner's field strength"),
+        ("m4raw", "m4raw", "field=1.5", "M4Raw states its one 0.3 T scanner"),
+        ("fets", "fets", "pathology=other", "FeTS (BraTS) states that every subject has a glioma"),
+    ],
+)
+def test_an_assumption_for_what_the_dataset_states_is_refused(
+    dataset: str, fixture: str, assume: str, stated: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    key = assume.split("=")[0]
+    with pytest.raises(
+        DatasetImportError, match=f"^--assume {key}=... does not apply to {dataset}: {re.escape(stated)}"
+    ):
+        _import(dataset, request.getfixturevalue(fixture), tmp_path / "out", assume)
+
+
+def test_hdf5_sites_say_they_were_converted_not_linked(m4raw: Path, tmp_path: Path) -> None:
+    args = ["sites", "import", "m4raw", str(m4raw.parent), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "image data converted from HDF5 (reconstruction_rss) and written as NIfTI" in result.output
+    readme = (tmp_path / "out" / "m4raw" / "README").read_text()
+    assert "Image data from the source: 5 scans converted from the source's HDF5" in readme
+    assert "symbolic links" not in readme
+    assert not any(p.is_symlink() for p in (tmp_path / "out" / "m4raw").rglob("*.nii.gz"))
+
+
+def test_the_recorded_command_runs_again(fets: Path, tmp_path: Path) -> None:
+    """The site README's "Imported with:" line holds every option given, so it imports the same sites."""
+    csv_path = tmp_path / "my-partitioning.csv"
+    csv_path.write_text((fets / "partitioning_1.csv").read_text())
+    args = ["sites", "import", "fets", str(fets), "--out", str(tmp_path / "a"), "--copy",
+            "--assume", "field=3", "--partitioning", str(csv_path)]  # fmt: skip
+    assert CliRunner().invoke(app, args, env={"COLUMNS": "300"}).exit_code == 0
+    line = next(
+        x for x in (tmp_path / "a" / "fets-p01" / "README").read_text().splitlines() if x.startswith("Imported with: ")
+    )
+    words = shlex.split(line.removeprefix("Imported with: "))
+    assert words[0] == "fedmri" and words[words.index("--out") + 1] == str(tmp_path / "a")
+    words[words.index("--out") + 1] = str(tmp_path / "b")
+    again = CliRunner().invoke(app, words[1:], env={"COLUMNS": "300"})
+    assert again.exit_code == 0, again.output
+    for name in ("fets-p01", "fets-p02"):
+        first, second = (
+            sorted(p.relative_to(tmp_path / r / name) for p in (tmp_path / r / name).rglob("*")) for r in "ab"
+        )
+        assert first == second
+    assert not any(p.is_symlink() for p in (tmp_path / "b").rglob("*.nii.gz"))  # --copy was recorded
+
+
+def test_what_belongs_to_no_site_is_listed_beside_the_sites(ixi: Path, fets: Path, tmp_path: Path) -> None:
+    """A file no hospital claims, a case no partition lists, and a partition left without scans are
+    named with their reasons in OUT/<dataset>-left-out.tsv, not only on the console."""
+    odd = _nifti(ixi / "notes" / "scout.nii.gz")
+    _import("ixi", ixi, tmp_path / "ixi")
+    rows = (tmp_path / "ixi" / "ixi-left-out.tsv").read_text().splitlines()
+    assert rows == ["file\treason", f"{odd}\tnot an IXI file name (IXI<nnn>-<hospital>-<nnnn>-<modality>.nii.gz)"]
+
+    unlisted = _brats_case(fets, "FeTS2022_00005", "_", ["t1", "t1ce", "t2", "flair", "seg"], 50)
+    csv_path = fets / "partitioning_1.csv"
+    csv_path.write_text(csv_path.read_text() + "3,FeTS2022_00007\n")
+    paths = _import("fets", fets, tmp_path / "fets", "field=3")
+    assert [p.stem for p in paths] == ["fets-p01", "fets-p02"]
+    rows = (tmp_path / "fets" / "fets-left-out.tsv").read_text().splitlines()
+    assert f"{unlisted}\tnot listed in {csv_path}" in rows
+    assert "fets-p03\tno scans left, so no site was written" in rows
+    assert any(r.startswith("FeTS2022_00007\tlisted in partitioning_1.csv but no folder") for r in rows)
+
+
+def test_the_summary_table_names_every_skipped_file(ixi: Path, tmp_path: Path) -> None:
+    """Lenient sites drop unusable files: the plain summary (not only --json) names each one."""
+    paths = _import("ixi", ixi, tmp_path / "out")
+    hh = paths[1]
+    hh.write_text(hh.read_text().replace("strict: true", "strict: false"))
+    assert load_site(hh).data.strict is False
+    (ixi / "IXI013-HH-1212-T1.nii.gz").unlink()  # the site's link to it breaks
+    result = CliRunner().invoke(app, ["sites", "summary", str(hh)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    flat = "".join(result.output.split())  # rich wraps long paths anywhere
+    assert "skippedfiles(1),eachwithitsreason:" in flat
+    assert re.search(r"ixi-hh:\S+sub-IXI013_T1w\.nii\.gz:corruptortruncatedNIfTIfile", flat), result.output
+
+
+def test_oasis3_a_scan_of_another_subject_in_a_session_folder_is_left_out(oasis3: Path, tmp_path: Path) -> None:
+    stray = oasis3 / "OAS30001_MR_d0129" / "anat9" / "sub-OAS30002_ses-d0129_T2w.nii.gz"
+    _oasis_scan(stray.parent, "sub-OAS30002_ses-d0129_T2w", 9, T2_SIDECAR)
+    (path,) = _import("oasis3", oasis3, tmp_path / "out")
+    root = Path(load_site(path).data.bids_root)
+    assert f"{stray}: names subject OAS30002 but lies in OAS30001's session folder" in (root / "README").read_text()
+    assert not list(root.glob("sub-OAS30002/**/*_T2w.nii.gz"))
