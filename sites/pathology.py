@@ -69,7 +69,7 @@ def draw_pathology(pathology: Pathology, age: float, anatomy: Anatomy, rng: np.r
 
 
 @functools.lru_cache(maxsize=4)
-def _candidates(anatomy: Anatomy, region: str) -> np.ndarray:
+def lesion_candidates(anatomy: Anatomy, region: str) -> np.ndarray:
     """Template voxels [N, 3] where lesions of kind `region` may be centred."""
     a = anatomy
     if region == "glioma":  # supratentorial hemispheric white matter, away from the surface
@@ -83,7 +83,7 @@ def _candidates(anatomy: Anatomy, region: str) -> np.ndarray:
 
 
 def _pick_voxel(anatomy: Anatomy, region: str, rng: np.random.Generator) -> np.ndarray:
-    candidates = _candidates(anatomy, region)
+    candidates = lesion_candidates(anatomy, region)
     return candidates[rng.integers(len(candidates))].astype(np.float64)
 
 
