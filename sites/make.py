@@ -23,7 +23,7 @@ from sites import physics
 from sites.anatomy import load_anatomy
 from sites.config import SiteConfig, SyntheticSpec, site_to_dict
 from sites.pathology import GLIOMA_LABELS, MS_LABEL
-from sites.synth import SubjectVolumes, synthesize_subject
+from sites.synth import SubjectVolumes, anatomy_tensor, synthesize_subject
 
 GROUND_TRUTH = "derivatives/groundtruth"
 # BIDS file name part of each modality (T1ce is a T1w with a contrast-agent entity).
@@ -104,6 +104,7 @@ def _generate(root: Path, spec: SyntheticSpec, workers: int) -> Iterator[dict]:
             yield _make_subject(root, spec, i)
         return
     load_anatomy()  # build once in the parent; forked workers share it copy-on-write
+    anatomy_tensor()  # and the sampling tensor made from it
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_single_threaded) as pool:
         yield from pool.map(_make_subject, [root] * n, [spec] * n, range(n))
