@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -231,13 +232,21 @@ def lesion_in_slices(
     The mask may lie on another grid: slices are matched by their world z (mm), each mask
     slice counting towards every scan slab it overlaps. -> [len(rows)] bool
     """
-    mask, mask_zooms, mask_affine = load_volume_affine(mask_path, order=0, constant_ok=True)
-    counts = (mask > 0).sum((0, 1))  # -> [mask slices]
-    mask_z = _world_z(mask_affine, mask.shape, np.arange(mask.shape[2]))  # -> [mask slices]
+    stat = mask_path.stat()
+    counts, mask_z, mask_thickness = _mask_profile(str(mask_path), stat.st_mtime_ns, stat.st_size)
     scan_z = _world_z(affine, shape, rows)  # -> [len(rows)]
-    reach = (thickness + mask_zooms[2]) / 2  # slabs overlap when their centres are closer than this
+    reach = (thickness + mask_thickness) / 2  # slabs overlap when their centres are closer than this
     overlap = np.abs(scan_z[:, None] - mask_z[None, :]) < reach  # -> [rows, mask slices]
     return (overlap * counts[None, :]).sum(1) >= MIN_LESION_VOXELS
+
+
+@functools.lru_cache(maxsize=8)
+def _mask_profile(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(lesion voxels per mask slice, their world z, the mask's slice thickness): read once for all
+    of a subject's scans; a changed file (time or size) is read again."""
+    mask, zooms, affine = load_volume_affine(Path(path), order=0, constant_ok=True)
+    counts = (mask > 0).sum((0, 1))  # -> [mask slices]
+    return counts, _world_z(affine, mask.shape, np.arange(mask.shape[2])), zooms[2]
 
 
 def _world_z(affine: np.ndarray, shape: tuple[int, ...] | None, rows: np.ndarray) -> np.ndarray:
