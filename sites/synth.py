@@ -55,7 +55,6 @@ class SubjectVolumes:
 
 
 @functools.lru_cache(maxsize=1)
-@functools.lru_cache(maxsize=1)
 def anatomy_tensor() -> tuple[torch.Tensor, np.ndarray]:
     """All anatomy channels as one [1, C, X, Y, Z] tensor for trilinear sampling, plus its affine.
 

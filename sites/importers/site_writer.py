@@ -325,14 +325,14 @@ def data_mode(site: Site, copy: bool) -> str:
     """How the site's image files came from the source: converted and written, copied, or linked."""
     converted = sum(scan.volume is not None for scan in site.scans)
     placed = len(site.scans) - converted + sum(p.lesion_mask is not None for p in site.participants.values())
-    parts = [
-        f"{converted} scans converted from the source's HDF5 (reconstruction_rss) and written here as NIfTI"
-    ] * bool(converted)
-    if placed:
+    parts = []
+    if converted:
         parts.append(
-            f"{placed} files "
-            + ("copied into this folder" if copy else "symbolic links to the source files (not copied)")
+            f"{converted} scans converted from the source's HDF5 (reconstruction_rss) and written here as NIfTI"
         )
+    if placed:
+        how = "copied into this folder" if copy else "symbolic links to the source files (not copied)"
+        parts.append(f"{placed} files {how}")
     return "; ".join(parts) or "none"
 
 
