@@ -18,14 +18,20 @@ def main(out: Path) -> dict:
         "commit": lines[0].split()[0],
         "machine": {"cores": os.cpu_count(), "cpu": platform.machine(), "python": platform.python_version()},
         "ci": [],
+        "speed_probe_s": {},  # scripts/speed_probe.py: higher = a slower machine at that moment
     }
     for line in lines[1:]:
+        if line.startswith("probe"):
+            _, when, seconds = line.split()
+            result["speed_probe_s"][when] = float(seconds)
+            continue
         fields = dict(re.findall(r"(\w+)=(\d+)", line))
         if line.startswith("demo"):
             result["demo"] = {
                 "rc": int(fields["rc"]),
                 "wall_s": int(fields["wall"]),
                 "terminal_lines": int(fields["lines"]),
+                "phases_s": demo_phases((out / "chain-demo.log").read_text()),
             }
         elif line.startswith("ci"):
             log = (out / f"chain-{line.split()[0]}.log").read_text()
@@ -35,6 +41,28 @@ def main(out: Path) -> dict:
                 run |= {"pytest": summary[-1][0], "pytest_s": float(summary[-1][1])}
             result["ci"].append(run)
     return result
+
+
+# Where the demo's time went: the stamp ([seconds since the demo began]) of the first line that
+# starts each phase, as scripts/demo.sh prints them.
+PHASE_STARTS = {
+    "install": "setup: installing",
+    "simulation": "simulating ",
+    "round 1 done": "round 1/",
+    "release": "release: ",
+    "first grid sampled": "sampling ",
+    "done": "fedmri demo: ",
+}
+
+
+def demo_phases(log: str) -> dict[str, int]:
+    stamped = re.findall(r"^\[(\d+)\] (.*)$", log, re.MULTILINE)
+    phases = {}
+    for phase, start in PHASE_STARTS.items():
+        seen = [int(t) for t, text in stamped if start in text]
+        if seen:
+            phases[phase] = seen[0]
+    return phases
 
 
 if __name__ == "__main__":
