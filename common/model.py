@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from common.conditioning import ConditionEncoder
+from common.mask_branch import has_mask_branch, mask_channels, no_masks
 
 FEDMRI_JSON = "fedmri.json"  # model-level settings that no diffusers component holds
 
@@ -46,8 +47,24 @@ class Denoiser(nn.Module):
         self.unet = unet
         self.encoder = encoder
 
-    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditions: torch.Tensor,
+        masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`masks` [B, H, W] (common/mask_branch.py): only for a UNet with the mask branch, which
+        reads no mask given (NO_MASK) when it is None."""
         tokens = self.encoder(conditions)  # -> [B, 5, D]
+        if has_mask_branch(self.unet):
+            size = noisy_latents.shape[-1]
+            if masks is None:
+                masks = no_masks(len(noisy_latents), size, noisy_latents.device)
+            extra = mask_channels(masks.to(noisy_latents.device), size).to(noisy_latents.dtype)  # -> [B, 4, h, w]
+            noisy_latents = torch.cat([noisy_latents, extra], dim=1)  # -> [B, 8, h, w]
+        elif masks is not None:
+            raise ValueError("this model has no mask branch (common/mask_branch.py): it cannot follow a lesion mask")
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=tokens).sample  # -> [B, 4, h, w]
 
 

@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from torch import nn
 
 from common.conditioning import drop_attributes
+from common.mask_branch import NO_MASK
 
 
 @torch.no_grad()
@@ -20,6 +21,12 @@ def encode(
     latents = vae.encode(images).latent_dist.sample(generator)  # -> [B, 4, 16, 16]
     # Rombach et al. 2022, §4.3.2 / App. G: rescale latents to unit variance before diffusion.
     return latents * scale_factor
+
+
+def drop_masks(masks: torch.Tensor, drop_prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Each row's mask replaced by 'not given' (NO_MASK) with probability drop_prob. -> [B, H, W]"""
+    dropped = torch.rand(len(masks), generator=generator, device=masks.device) < drop_prob  # -> [B]
+    return torch.where(dropped[:, None, None], torch.full_like(masks, NO_MASK), masks)
 
 
 def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -38,8 +45,10 @@ def ldm_loss(
     generator: torch.Generator | None = None,
     drop_prob: float = 0.1,
     min_snr_gamma: float | None = None,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean denoising loss of a batch of scaled latents [B, 4, h, w] and conditions [B, 7].
+    """Mean denoising loss of a batch of scaled latents [B, 4, h, w] and conditions [B, 7], with
+    lesion masks [B, H, W] for a denoiser with the mask branch (common/mask_branch.py).
 
     `denoiser` is the plain module or its Opacus wrapper: this function reads the same either way.
     """
@@ -54,8 +63,13 @@ def ldm_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)  # -> [B, 4, h, w]
     # Condition: drop attribute groups at random for classifier-free guidance (Ho & Salimans 2022).
     conditions = drop_attributes(conditions, drop_prob, generator)  # -> [B, 7]
-    # Predict.
-    prediction = denoiser(noisy, timesteps, conditions)  # -> [B, 4, h, w]
+    # Predict, following the mask where one is given; it is dropped like an attribute group, so
+    # the same model still generates without one.
+    if masks is None:
+        prediction = denoiser(noisy, timesteps, conditions)  # -> [B, 4, h, w]
+    else:
+        masks = drop_masks(masks, drop_prob, generator)  # -> [B, H, W]
+        prediction = denoiser(noisy, timesteps, conditions, masks)  # -> [B, 4, h, w]
     # Target: ε (Ho et al. 2020, eq. 14) or v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0 (Salimans & Ho 2022, §4).
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)

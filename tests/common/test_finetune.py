@@ -8,6 +8,7 @@ from opacus import GradSampleModule
 
 from client.trainer import group_by_subject
 from common.finetune import FinetuneMode, LoRALinear, configure, load_trainable, merge_lora, trainable_tensors
+from common.mask_branch import MASK_CHANNELS, NO_MASK, add_mask_branch
 from common.model import ModelSpec, build_ldm
 
 TINY = ModelSpec(
@@ -15,8 +16,11 @@ TINY = ModelSpec(
 )
 
 
-def _denoiser(mode: FinetuneMode, seed: int = 0):
+def _denoiser(mode: FinetuneMode, seed: int = 0, mask_branch: bool = False):
     ldm = build_ldm(TINY, seed=seed)
+    if mask_branch:  # widened, then given non-zero mask weights so that the masks below matter
+        add_mask_branch(ldm.denoiser.unet)
+        torch.nn.init.normal_(ldm.denoiser.unet.conv_in.weight, std=0.1, generator=torch.Generator().manual_seed(seed))
     denoiser = configure(ldm.denoiser, mode, lora_rank=2)
     if mode is FinetuneMode.lora:  # give the zero-initialised up-projections a value so gradients reach both factors
         for module in denoiser.modules():
@@ -37,31 +41,44 @@ def _batch(n: int = 3):
     return latents, timesteps, conditions, target
 
 
-def _loss(model, latents, timesteps, conditions, target) -> torch.Tensor:
-    return ((model(latents, timesteps, conditions) - target) ** 2).mean(dim=(1, 2, 3)).mean()
+def _masks(n: int = 4) -> torch.Tensor:
+    """A glioma (core, oedema, rim), an MS plaque, a lesion-free slice and an unknown mask. -> [4, 16, 16]"""
+    masks = torch.zeros(4, 16, 16, dtype=torch.uint8)
+    masks[0, 4:12, 4:12], masks[0, 6:10, 6:10], masks[0, 7:9, 7:9] = 2, 3, 1
+    masks[1, 10:13, 2:5] = 1
+    masks[3] = NO_MASK
+    return masks[:n]
 
 
+def _loss(model, latents, timesteps, conditions, target, masks=None) -> torch.Tensor:
+    args = (latents, timesteps, conditions) + (() if masks is None else (masks,))
+    return ((model(*args) - target) ** 2).mean(dim=(1, 2, 3)).mean()
+
+
+@pytest.mark.parametrize("mask_branch", [False, True])
 @pytest.mark.parametrize("rows_per_subject", [1, 2])
 @pytest.mark.parametrize("mode", list(FinetuneMode))
-def test_per_subject_gradients_equal_autograd(mode: FinetuneMode, rows_per_subject: int) -> None:
+def test_per_subject_gradients_equal_autograd(mode: FinetuneMode, rows_per_subject: int, mask_branch: bool) -> None:
     """What DP-SGD clips is each subject's gradient: with R rows per subject (K slices x M draws,
     client/trainer.py), Opacus's per-row gradients averaged by group_by_subject must equal autograd
-    of that subject's mean loss, computed one subject at a time."""
+    of that subject's mean loss, computed one subject at a time; with the lesion-mask branch too."""
     # Arrange: the real diffusers UNet in each mode, wrapped as the trainer wraps it (hooks).
-    denoiser = _denoiser(mode)
+    denoiser = _denoiser(mode, mask_branch=mask_branch)
     latents, timesteps, conditions, target = _batch(4)  # 4 rows: 4 subjects, or 2 subjects x 2 rows
+    masks = _masks() if mask_branch else None
     wrapped = GradSampleModule(denoiser, batch_first=True, loss_reduction="mean")
     params = [p for p in denoiser.parameters() if p.requires_grad]
     # Act: one batched backward through Opacus, rows grouped by subject ...
-    _loss(wrapped, latents, timesteps, conditions, target).backward()
+    _loss(wrapped, latents, timesteps, conditions, target, masks).backward()
     group_by_subject(params, rows_per_subject)
     opacus_grads = {n: p.grad_sample.clone() for n, p in denoiser.named_parameters() if p.requires_grad}
     # ... and plain autograd, one subject (its rows' mean loss) at a time, on an identical copy.
-    reference = _denoiser(mode)
+    reference = _denoiser(mode, mask_branch=mask_branch)
     per_subject = []
     for rows in torch.arange(4).split(rows_per_subject):
         reference.zero_grad()
-        _loss(reference, latents[rows], timesteps[rows], conditions[rows], target[rows]).backward()
+        row_masks = None if masks is None else masks[rows]
+        _loss(reference, latents[rows], timesteps[rows], conditions[rows], target[rows], row_masks).backward()
         per_subject.append({n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad})
     # Assert: every trainable tensor has a per-subject gradient equal to autograd's.
     assert opacus_grads, "no trainable parameters"
@@ -71,6 +88,17 @@ def test_per_subject_gradients_equal_autograd(mode: FinetuneMode, rows_per_subje
         assert grad_sample.shape[0] == 4 // rows_per_subject
         assert torch.allclose(grad_sample, expected, rtol=1e-4, atol=1e-6), f"{mode.value}: {name}"
     assert any(g.abs().sum() > 0 for g in opacus_grads.values())
+    if mask_branch:  # the mask's input weights are trained, and their gradient reads the masks
+        grad = opacus_grads["unet.conv_in.weight"][:, :, TINY.latent_channels :]  # -> [subjects, out, 4, 3, 3]
+        assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", list(FinetuneMode))
+def test_the_mask_branch_trains_its_input_weights_in_every_mode(mode: FinetuneMode) -> None:
+    plain = trainable_tensors(_denoiser(mode))
+    widened = trainable_tensors(_denoiser(mode, mask_branch=True))
+    assert set(widened) - set(plain) <= {"unet.conv_in.weight", "unet.conv_in.bias"}
+    assert widened["unet.conv_in.weight"].shape[1] == TINY.latent_channels + MASK_CHANNELS
 
 
 def test_modes_train_what_they_promise() -> None:
