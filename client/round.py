@@ -15,6 +15,7 @@ from client.policy import decide
 from client.trainer import RoundRandomness, TrainSettings, train_round
 from common.device import resolve_device
 from common.finetune import FinetuneMode, configure, load_trainable, trainable_tensors
+from common.mask_branch import add_mask_branch, has_mask_branch
 from common.model import LDM, load_ldm
 from common.privacy import Segment, default_delta, epsilon
 from common.protocol import Accountant, RoundProposal, SiteReply, Status
@@ -80,9 +81,13 @@ def load_model(
     lora_rank: int,
     global_tensors: dict[str, torch.Tensor],
     device: torch.device = torch.device("cpu"),
+    mask_branch: bool = False,
 ) -> LDM:
-    """The base model on `device` in fine-tuning mode `mode`, carrying the global trainable tensors."""
+    """The base model on `device` in fine-tuning mode `mode`, with the lesion-mask branch if asked
+    (common/mask_branch.py), carrying the global trainable tensors."""
     ldm = load_ldm(base_model_dir() if base_model == "shipped" else Path(base_model)).to(device)
+    if mask_branch and not has_mask_branch(ldm.denoiser.unet):
+        add_mask_branch(ldm.denoiser.unet)
     configure(ldm.denoiser, mode, lora_rank)
     load_trainable(ldm.denoiser, global_tensors)
     return ldm
@@ -155,7 +160,8 @@ def _round_under_lock(
     # Reserved on disk before training starts: a crash from here on over-counts, never under-counts.
     ledger.append(LedgerEntry(run_id, proposal.server_round, Status.RESERVED, segment, eps, eps_rdp, decision.notes,
                               now(), n, received))  # fmt: skip
-    ldm = load_model(proposal.base_model, proposal.finetune_mode, proposal.lora_rank, global_tensors, device)
+    ldm = load_model(proposal.base_model, proposal.finetune_mode, proposal.lora_rank, global_tensors, device,
+                     proposal.mask_branch)  # fmt: skip
     settings = TrainSettings(
         proximal_mu=proposal.proximal_mu,
         slices_per_subject=proposal.slices_per_subject,

@@ -32,13 +32,14 @@ from torch.utils.data import Dataset
 
 from client.policy import RoundPlan
 from client.secure_random import SecureRandom, fresh_seed
+from common.mask_branch import has_mask_branch
 from common.model import LDM
 from common.objective import encode, ldm_loss
 from common.run_config import RunConfig
 from sites.bids import SiteSlices
 from sites.datasets import SubjectDataset
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, conditions, lesion masks (sites/datasets.py)
 
 
 @dataclass(frozen=True)
@@ -191,17 +192,21 @@ def subject_loss(
     mean over the b·K·M rows, subject-major (so group_by_subject can take each subject's mean)."""
     device = ldm.device
     m = settings.noise_draws
+    follows_masks = has_mask_branch(ldm.denoiser.unet)  # common/mask_branch.py
 
     def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        images, conditions = batch  # -> [b, K, 1, 64, 64], [b, K, 7]
+        images, conditions, masks = batch  # -> [b, K, 1, 64, 64], [b, K, 7], [b, K, 64, 64]
         images = images.flatten(0, 1).to(device)  # -> [b·K, 1, 64, 64], subject-major
         conditions = conditions.flatten(0, 1).to(device)  # -> [b·K, 7]
         latents = encode(ldm.vae, images, ldm.settings.scale_factor, generator)  # -> [b·K, 4, 16, 16]
         # M draws of (ε, t) per slice: each row below gets its own in ldm_loss.
         latents = latents.repeat_interleave(m, dim=0)  # -> [b·K·M, 4, 16, 16], still subject-major
         conditions = conditions.repeat_interleave(m, dim=0)  # -> [b·K·M, 7]
+        row_masks = (
+            masks.flatten(0, 1).to(device).repeat_interleave(m, dim=0) if follows_masks else None
+        )  # -> [b·K·M, 64, 64]
         return ldm_loss(
-            model, ldm.scheduler, latents, conditions, generator, settings.drop_prob, settings.min_snr_gamma
+            model, ldm.scheduler, latents, conditions, generator, settings.drop_prob, settings.min_snr_gamma, row_masks
         )
 
     return loss_of
@@ -228,5 +233,5 @@ def train_round(
 
 
 def collate(items: Sequence[Batch]) -> Batch:
-    images, conditions = zip(*items, strict=True)
-    return torch.stack(images), torch.stack(conditions)
+    images, conditions, masks = zip(*items, strict=True)
+    return torch.stack(images), torch.stack(conditions), torch.stack(masks)

@@ -124,6 +124,12 @@ def _float(record: Mapping[str, object], key: str, where: str) -> float:
     return value
 
 
+def _bool(record: Mapping[str, object], key: str, where: str) -> bool:
+    value = _read(record, key, bool, where)
+    assert isinstance(value, bool)
+    return value
+
+
 def _str(record: Mapping[str, object], key: str, where: str) -> str:
     value = _read(record, key, str, where)
     assert isinstance(value, str)
@@ -174,6 +180,7 @@ class RoundProposal:
     base_model: str  # "shipped" or a model directory present at every site
     finetune_mode: FinetuneMode
     lora_rank: int
+    mask_branch: bool = False  # add the lesion-mask branch to a base without one (common/mask_branch.py)
     # Hash of each site's last signed ledger entry the server holds: the reply carries the rest.
     ledger_heads: Mapping[str, str] = field(default_factory=dict)
     proximal_mu: float = 0.0  # FedProx's proximal term (Flower's FedProx adds it to the record)
@@ -209,6 +216,7 @@ class RoundProposal:
             base_model=_str(record, "base-model", where),
             finetune_mode=parse(FinetuneMode, record.get("finetune-mode"), f"{where}: 'finetune-mode'"),
             lora_rank=_int(record, "lora-rank", where),
+            mask_branch=_bool(record, "mask-branch", where) if "mask-branch" in record else False,
             ledger_heads={k: str(v) for k, v in heads.items()},
             proximal_mu=_float(record, "proximal-mu", where) if "proximal-mu" in record else 0.0,
             noise_multiplier=optional.get("noise-multiplier"),

@@ -27,6 +27,9 @@ class RunConfig:
     noise_draws: int = 2  # M
     finetune_mode: FinetuneMode = FinetuneMode.attention
     lora_rank: int = 4
+    # Add the lesion-mask branch (common/mask_branch.py) to a base without one, and train it with
+    # the sites' lesion masks; a base that has one keeps it whatever this says.
+    mask_branch: bool = False
     base_model: str = "shipped"  # "shipped" or a model directory present at every site
     strategy: Strategy = Strategy.fedavg
     proximal_mu: float = 0.01  # FedProx only

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from common import protocol
 from common.atomic import atomic_write
 from common.finetune import configure, parse_mode, trainable_tensors
+from common.mask_branch import add_mask_branch, has_mask_branch
 from common.model import LDM, load_ldm
 from common.protocol import RoundProposal, RunRecord, SiteReply, Status
 from common.release import UNRELEASED, merge_chain, parent_chains
@@ -62,6 +63,8 @@ def base_dir(run: RunConfig) -> Path:
 def base_ldm(run: RunConfig) -> LDM:
     """The base model in the run's fine-tuning mode (its trainable tensors start the federation)."""
     ldm = load_ldm(base_dir(run))
+    if run.mask_branch and not has_mask_branch(ldm.denoiser.unet):
+        add_mask_branch(ldm.denoiser.unet)
     configure(ldm.denoiser, parse_mode(run.finetune_mode), run.lora_rank)
     return ldm
 
@@ -196,6 +199,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, torch.Tensor]:
             base_model=run.base_model,
             finetune_mode=run.finetune_mode,
             lora_rank=run.lora_rank,
+            mask_branch=run.mask_branch,
             ledger_heads={site: chain[-1]["hash"] for site, chain in chains.items() if chain},
             # FedProx's configure_train adds proximal-mu itself; FedAvg and FedAdam add server-round.
         )

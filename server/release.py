@@ -18,6 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.mask_branch import has_mask_branch
 from common.model import load_ldm, save_ldm
 from common.privacy import Segment, epsilon
 from common.protocol import SPENDING, RunRecord, Status
@@ -130,6 +131,7 @@ def model_card(
     base_model: dict[str, str],
     descriptions: dict[str, str],
     reported: dict[str, SiteRecord],
+    mask_branch: bool = False,
 ) -> str:
     rounds = records[-1].round
     lines = [
@@ -155,6 +157,16 @@ def model_card(
         "Conditions the model accepts: modality (T1w, T1ce, T2w, FLAIR, PDw), pathology (healthy, glioma, "
         "multiple sclerosis, dementia), field strength (0.3–3 T), TR/TE/TI, slice position, or a free-text "
         "prompt. Combinations no site holds can be requested; they are extrapolations.",
+    ]
+    if mask_branch:
+        lines += [
+            "",
+            "**Mask branch.** The model also follows a lesion mask (glioma core, oedema and enhancing rim, or "
+            "an MS plaque): its UNet takes 4 mask channels beside the latents (common/mask_branch.py), trained "
+            "with the sites' lesion masks under the same patient-level DP-SGD, ledger and account as every "
+            "other tensor. No mask left any site.",
+        ]
+    lines += [
         "",
         "## Privacy, site by site",
         "",
@@ -275,8 +287,10 @@ def build_release(run_dir: Path, out: Path, key_path: Path | None = None) -> tup
         client_level = {**client_level, "epsilon": epsilon(parts, client_level["delta"], "pld")}
     key = consortium_key(key_path or run_dir / "keys" / "consortium.key")
 
-    save_ldm(load_ldm(model_dir), out)
-    card = model_card(accounts, records, client_level, base_model, _site_descriptions(run_config), reported)
+    ldm = load_ldm(model_dir)
+    save_ldm(ldm, out)
+    card = model_card(accounts, records, client_level, base_model, _site_descriptions(run_config), reported,
+                      has_mask_branch(ldm.denoiser.unet))  # fmt: skip
     (out / "README.md").write_text(card)
     manifest = write_manifest(out, accounts, client_level, base_model, parent_reference(base_dir), key)
     return out, manifest

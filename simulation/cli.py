@@ -109,6 +109,13 @@ def simulate(
     noise_draws: Annotated[
         int, typer.Option(help="M: noise/timestep draws per slice, likewise.")
     ] = _DEFAULTS.noise_draws,
+    mask_branch: Annotated[
+        bool,
+        typer.Option(
+            help="Add the lesion-mask branch to the base and train it with the sites' lesion masks "
+            "(docs/masks.md)."
+        ),
+    ] = _DEFAULTS.mask_branch,
     device: Annotated[
         str, typer.Option(help=f"Every simulated site's device: {DEVICE_HELP} Default: each site YAML's `device:`.")
     ] = _DEFAULTS.device,
@@ -131,6 +138,7 @@ def simulate(
             finetune_mode=mode, strategy=strategy, base_model=base_model, resume=resume, min_train_nodes=min_train_nodes,
             run_dir=str(out.resolve()), sites="", client_dp=client_dp, client_dp_noise=client_dp_noise,
             client_dp_clip=client_dp_clip, device=device, slices_per_subject=slices_per_subject, noise_draws=noise_draws,
+            mask_branch=mask_branch,
         )  # fmt: skip
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")

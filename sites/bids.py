@@ -19,16 +19,21 @@ import numpy as np
 from scipy import ndimage
 
 from common.conditions import CONDITION_VECTOR, Modality, Pathology
+from common.mask_branch import NO_MASK
 from sites.config import SiteConfig
 from sites.volume import SiteDataError, brain_slab, foreground_of, load_volume_affine
 
-READER_VERSION = 4  # 2: per-slice lesion labels from lesion masks; 3: real scanners (sites/volume.py);
-# 4: stacks cut through the head have unknown positions, an unusable lesion mask drops its scans
+READER_VERSION = 5  # 2: per-slice lesion labels from lesion masks; 3: real scanners (sites/volume.py);
+# 4: stacks cut through the head have unknown positions, an unusable lesion mask drops its scans;
+# 5: each slice's lesion mask on the slice's own pixel grid (SiteSlices.lesion_mask)
 # Focal pathologies: a slice of such a subject is labelled with it only where the subject's
 # lesion mask (if the site has one) reaches the slice; elsewhere the slice is labelled healthy.
 FOCAL = (Pathology.glioma, Pathology.ms)
 LESION_MASK = "_desc-lesion_mask.nii"  # derivatives/<pipeline>/sub-X/anat/sub-X[_...]_desc-lesion_mask.nii[.gz]
 MIN_LESION_VOXELS = 5  # mask voxels inside a slice's slab for the slice to count as showing the lesion
+# Lesion-mask labels -> the model's (common/mask_branch.py): BraTS 2023 numbers the enhancing rim
+# 3 and earlier BraTS releases 4; an MS mask is 0/1.
+MASK_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 3, 4: 3}
 # BIDS suffix -> modality; a T1w carrying a `ce-<agent>` entity is T1ce.
 SUFFIXES = {"T1w": Modality.T1w, "T2w": Modality.T2w, "FLAIR": Modality.FLAIR, "PDw": Modality.PDw}
 # Sidecar fields that become conditions. One that is missing is an *unknown* condition (the
@@ -232,21 +237,67 @@ def lesion_in_slices(
     The mask may lie on another grid: slices are matched by their world z (mm), each mask
     slice counting towards every scan slab it overlaps. -> [len(rows)] bool
     """
-    stat = mask_path.stat()
-    counts, mask_z, mask_thickness = _mask_profile(str(mask_path), stat.st_mtime_ns, stat.st_size)
+    mask = read_lesion_mask(mask_path)
     scan_z = _world_z(affine, shape, rows)  # -> [len(rows)]
-    reach = (thickness + mask_thickness) / 2  # slabs overlap when their centres are closer than this
-    overlap = np.abs(scan_z[:, None] - mask_z[None, :]) < reach  # -> [rows, mask slices]
-    return (overlap * counts[None, :]).sum(1) >= MIN_LESION_VOXELS
+    reach = (thickness + mask.thickness) / 2  # slabs overlap when their centres are closer than this
+    overlap = np.abs(scan_z[:, None] - mask.z[None, :]) < reach  # -> [rows, mask slices]
+    return (overlap * mask.counts[None, :]).sum(1) >= MIN_LESION_VOXELS
+
+
+@dataclass(frozen=True)
+class LesionMask:
+    """A subject's lesion mask, read once for all its scans."""
+
+    labels: np.ndarray  # [X, Y, Z] uint8, numbered as MASK_LABEL_MAP's values
+    affine: np.ndarray  # [4, 4] voxel -> world (mm), canonical (RAS)
+    counts: np.ndarray  # [Z] lesion voxels per axial slice
+    z: np.ndarray  # [Z] world z of each axial slice (mm)
+    thickness: float  # mm
 
 
 @functools.lru_cache(maxsize=8)
-def _mask_profile(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """(lesion voxels per mask slice, their world z, the mask's slice thickness): read once for all
-    of a subject's scans; a changed file (time or size) is read again."""
-    mask, zooms, affine = load_volume_affine(Path(path), order=0, constant_ok=True)
-    counts = (mask > 0).sum((0, 1))  # -> [mask slices]
-    return counts, _world_z(affine, mask.shape, np.arange(mask.shape[2])), zooms[2]
+def _lesion_mask(path: str, mtime_ns: int, size: int) -> LesionMask:
+    """The mask at `path`, memoised by path, time and size (a changed file is read again)."""
+    data, zooms, affine = load_volume_affine(Path(path), order=0, constant_ok=True)
+    labels = np.rint(data)
+    if np.abs(data - labels).max() > 1e-3:
+        raise SiteDataError(f"{path}: lesion mask voxels are not whole-number labels (a probability map?)")
+    unknown = sorted(set(np.unique(labels).astype(int).tolist()) - set(MASK_LABEL_MAP))
+    if unknown:
+        raise SiteDataError(
+            f"{path}: lesion mask labels {unknown[:5]} are not 0 (none), 1 (glioma core or MS plaque), "
+            "2 (oedema), 3 or 4 (enhancing rim)"
+        )
+    lookup = np.zeros(max(MASK_LABEL_MAP) + 1, dtype=np.uint8)
+    lookup[list(MASK_LABEL_MAP)] = list(MASK_LABEL_MAP.values())
+    labels = lookup[labels.astype(np.intp)]
+    counts = (labels > 0).sum((0, 1))  # -> [mask slices]
+    z = _world_z(affine, labels.shape, np.arange(labels.shape[2]))
+    return LesionMask(labels, affine, counts, z, zooms[2])
+
+
+def read_lesion_mask(path: Path) -> LesionMask:
+    stat = path.stat()
+    return _lesion_mask(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def lesion_mask_slices(
+    mask: LesionMask, affine: np.ndarray, grid: tuple[np.ndarray, np.ndarray], rows: np.ndarray
+) -> np.ndarray:
+    """The mask on the pixel grid of the scan's axial slices `rows`: each pixel takes the label of
+    the mask voxel nearest its centre, through world coordinates, so the mask may lie on another
+    grid than the scan; outside the mask's volume, 0. `grid` is the scan's (x, y) voxel coordinates
+    of each output pixel (slice_grid). -> [len(rows), H, W] uint8
+    """
+    xs, ys = grid  # -> [H, W] each
+    to_mask = np.linalg.inv(mask.affine) @ affine  # scan voxel -> world -> mask voxel
+    out = np.zeros((len(rows), *xs.shape), dtype=np.uint8)
+    for n, z in enumerate(rows):
+        points = np.stack([xs, ys, np.full_like(xs, z), np.ones_like(xs)])  # -> [4, H, W]
+        voxel = np.rint(np.tensordot(to_mask[:3], points, axes=1)).astype(np.intp)  # -> [3, H, W]
+        inside = np.all((voxel >= 0) & (voxel < np.array(mask.labels.shape)[:, None, None]), axis=0)
+        out[n][inside] = mask.labels[voxel[0][inside], voxel[1][inside], voxel[2][inside]]
+    return out
 
 
 def _world_z(affine: np.ndarray, shape: tuple[int, ...] | None, rows: np.ndarray) -> np.ndarray:
@@ -273,14 +324,9 @@ def axial_slices(
     when the caller has it already.
     """
     foreground, (z_lo, z_hi, positions) = slab or head_and_slab(data, zooms)
-    centre = ndimage.center_of_mass(foreground[:, :, z_lo : z_hi + 1])
-
     pixel = fov_mm / image_size
     sigma = [max(0.0, 0.5 * (pixel / zooms[0] - 1.0)), max(0.0, 0.5 * (pixel / zooms[1] - 1.0))]
-    offsets = (np.arange(image_size) - (image_size - 1) / 2) * pixel  # mm
-    xs = centre[0] + offsets / zooms[0]
-    ys = centre[1] - offsets / zooms[1]  # first row is the most anterior
-    rows, cols = np.meshgrid(ys, xs, indexing="ij")
+    cols, rows = slice_grid(foreground, zooms, image_size, fov_mm, (z_lo, z_hi))
     scale = np.percentile(data[foreground], 99.5)
     slices = []
     for z in range(z_lo, z_hi + 1):
@@ -288,6 +334,22 @@ def axial_slices(
         resampled = ndimage.map_coordinates(plane, [cols, rows], order=1, mode="constant", cval=0.0)
         slices.append(np.clip(resampled / scale, 0.0, 1.0))
     return np.stack(slices).astype(np.float16), positions
+
+
+def slice_grid(
+    foreground: np.ndarray, zooms: tuple[float, float, float], image_size: int, fov_mm: float, kept: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y): the voxel coordinates of each output pixel of the kept slices `kept` (first, last).
+    A square `fov_mm` field centred on the kept part of the head; rows run anterior to posterior,
+    columns from the patient's left to right. -> [H, W] float64 each"""
+    z_lo, z_hi = kept
+    centre = ndimage.center_of_mass(foreground[:, :, z_lo : z_hi + 1])
+    pixel = fov_mm / image_size
+    offsets = (np.arange(image_size) - (image_size - 1) / 2) * pixel  # mm
+    xs = centre[0] + offsets / zooms[0]
+    ys = centre[1] - offsets / zooms[1]  # first row is the most anterior
+    rows, cols = np.meshgrid(ys, xs, indexing="ij")
+    return cols, rows
 
 
 def head_and_slab(
@@ -303,6 +365,7 @@ class SiteSlices:
     """Every usable axial slice of a site and its conditions, as flat arrays of length N."""
 
     images: np.ndarray  # [N, H, W] float16 in [0, 1]
+    lesion_mask: np.ndarray  # [N, H, W] uint8 labels on the slice's grid (common/mask_branch.py); NO_MASK = unknown
     subject: np.ndarray  # [N] index into `subjects`
     scan: np.ndarray  # [N] index of the scan the slice came from
     modality: np.ndarray  # [N] Modality.ordinal
@@ -389,6 +452,7 @@ def split_subjects(slices: SiteSlices, site_id: str, fraction: float) -> tuple[S
 
 _ARRAYS = (
     "images",
+    "lesion_mask",
     "subject",
     "scan",
     "modality",
@@ -438,8 +502,9 @@ def read_site(
         slab = head_and_slab(data, zooms)
         kept = slab[1][:2]  # the first and last kept slice
         subject = index.subjects[scan.subject]
+        grid = slice_grid(slab[0], zooms, image_size, fov_mm, kept)
         try:  # a corrupt lesion mask, or two: the scan's per-slice labels are unknown, so it is dropped
-            labels = _slice_pathology(index.root, scan.subject, subject.pathology, kept, zooms, affine, data.shape)
+            labels, masks = _slice_lesions(index.root, scan.subject, subject.pathology, kept, zooms, affine, data.shape, grid)  # fmt: skip
         except SiteDataError as err:
             problems.report(scan.path, f"its lesion mask cannot be used: {err}")
             continue
@@ -450,6 +515,7 @@ def read_site(
         columns["images"].append(images)
         columns["slice_position"].append(positions)
         columns["pathology"].append(labels)
+        columns["lesion_mask"].append(masks)
         for name, value in (
             ("subject", subjects.index(scan.subject)),
             ("scan", n),
@@ -471,7 +537,14 @@ def read_site(
     if not columns["images"]:
         details = "; ".join(f"{f}: {r}" for f, r in problems.skipped[:5])
         raise SiteDataError(f"{index.root}: no usable scans" + (f" (skipped: {details})" if details else ""))
-    dtypes = {"images": np.float16, "subject": np.int32, "scan": np.int32, "modality": np.int8, "pathology": np.int8}
+    dtypes = {
+        "images": np.float16,
+        "lesion_mask": np.uint8,
+        "subject": np.int32,
+        "scan": np.int32,
+        "modality": np.int8,
+        "pathology": np.int8,
+    }
     arrays = {name: np.concatenate(parts).astype(dtypes.get(name, np.float32)) for name, parts in columns.items()}
     present = np.unique(arrays["subject"])  # a subject whose every scan was dropped is not a subject here
     remap = np.full(len(subjects), -1, dtype=np.int32)
@@ -487,7 +560,7 @@ def _or_nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def _slice_pathology(
+def _slice_lesions(
     root: Path,
     subject: str,
     pathology: Pathology | None,
@@ -495,17 +568,27 @@ def _slice_pathology(
     zooms: tuple[float, ...],
     affine: np.ndarray,
     shape: tuple[int, ...],
-) -> np.ndarray:
-    """Per kept slice: the subject's pathology (OTHER for a label outside the vocabulary), except
-    that a focal one (glioma, MS) holds only where the subject's lesion mask reaches the slice;
-    without a mask, the subject's label."""
+    grid: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per kept slice, (pathology, lesion mask [H, W]).
+
+    The pathology is the subject's (OTHER for a label outside the vocabulary), except that a focal
+    one (glioma, MS) holds only where the subject's lesion mask reaches the slice; without a
+    mask, the subject's label. The mask is the lesion mask on the slice's pixel grid; a subject
+    without a focal pathology has none (all 0); a focal one without a mask file, or an unknown
+    label, has NO_MASK. -> ([S] int, [S, H, W] uint8)
+    """
     z_lo, z_hi = kept
-    labels = np.full(z_hi - z_lo + 1, OTHER if pathology is None else pathology.ordinal)
-    mask = lesion_mask_path(root, subject) if pathology in FOCAL else None
-    if pathology is not None and mask is not None:
-        shows = lesion_in_slices(mask, affine, shape, np.arange(z_lo, z_hi + 1), zooms[2])
+    rows = np.arange(z_lo, z_hi + 1)
+    labels = np.full(len(rows), OTHER if pathology is None else pathology.ordinal)
+    known = pathology is not None and pathology not in FOCAL
+    masks = np.full((len(rows), *grid[0].shape), 0 if known else NO_MASK, dtype=np.uint8)
+    path = lesion_mask_path(root, subject) if pathology in FOCAL else None
+    if pathology is not None and path is not None:
+        shows = lesion_in_slices(path, affine, shape, rows, zooms[2])
         labels = np.where(shows, pathology.ordinal, Pathology.healthy.ordinal)
-    return labels
+        masks = lesion_mask_slices(read_lesion_mask(path), affine, grid, rows)
+    return labels, masks
 
 
 def read_site_data(site: SiteConfig, progress: Callable[[int, int], None] | None = None) -> SiteSlices:

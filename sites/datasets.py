@@ -8,12 +8,15 @@ from torch.utils.data import Dataset
 
 from sites.bids import SiteSlices
 
+Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-def _item(slices: SiteSlices, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image [1, H, W] in [-1, 1], conditions [7] laid out as CONDITION_VECTOR)."""
+
+def _item(slices: SiteSlices, i: int) -> Item:
+    """(image [1, H, W] in [-1, 1], conditions [7] laid out as CONDITION_VECTOR, lesion mask [H, W] uint8)."""
     image = torch.from_numpy(slices.images[i].astype(np.float32)).unsqueeze(0) * 2.0 - 1.0
     conditions = torch.from_numpy(slices.conditions(np.array([i]))[0])  # -> [7]
-    return image, conditions
+    mask = torch.from_numpy(slices.lesion_mask[i])  # -> [H, W], NO_MASK where unknown
+    return image, conditions, mask
 
 
 class SubjectDataset(Dataset):
@@ -40,8 +43,8 @@ class SubjectDataset(Dataset):
     def __len__(self) -> int:
         return len(self.by_subject)
 
-    def __getitem__(self, subject: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> images [K, 1, H, W] in [-1, 1], conditions [K, 7]"""
+    def __getitem__(self, subject: int) -> Item:
+        """-> images [K, 1, H, W] in [-1, 1], conditions [K, 7], lesion masks [K, H, W]"""
         scans = self.by_subject[subject]
         if not scans:
             raise IndexError(f"subject {self.slices.subjects[subject]} has no usable slices")
@@ -49,8 +52,8 @@ class SubjectDataset(Dataset):
         for _ in range(self.k):
             rows = scans[int(torch.randint(len(scans), (1,), generator=self.generator))]
             items.append(_item(self.slices, int(rows[int(torch.randint(len(rows), (1,), generator=self.generator))])))
-        images, conditions = zip(*items, strict=True)
-        return torch.stack(images), torch.stack(conditions)
+        images, conditions, masks = zip(*items, strict=True)
+        return torch.stack(images), torch.stack(conditions), torch.stack(masks)
 
 
 class SliceDataset(Dataset):
@@ -62,5 +65,5 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.slices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> Item:
         return _item(self.slices, i)

@@ -18,7 +18,7 @@ from common.finetune import FinetuneMode, trainable_tensors
 from sites.bids import read_site
 
 
-def _squared(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _squared(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return (model(batch[0]) ** 2).mean()
 
 
@@ -48,9 +48,10 @@ def test_a_subject_with_many_rows_is_still_clipped_to_c_as_one() -> None:
     clipping each row to C would move the weights by 12·C/B; clipping each subject's mean moves them
     by at most 4·C/B."""
     model = torch.nn.Linear(8, 1, bias=False)
-    data = TensorDataset(torch.ones(4, 3, 8) * 100.0, torch.zeros(4))  # 4 subjects x 3 rows
+    # images, and the unused conditions and masks (client/trainer.Batch)
+    data = TensorDataset(torch.ones(4, 3, 8) * 100.0, torch.zeros(4), torch.zeros(4))  # 4 subjects x 3 rows
 
-    def rows_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def rows_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return module(batch[0].flatten(0, 1)).mean()  # -> mean over [b·3] rows, subject-major
 
     plan = RoundPlan(1, 1.0, 4, 1.0, noise_multiplier=0.0, max_grad_norm=0.5)
@@ -67,7 +68,7 @@ def test_every_step_adds_noise_of_scale_sigma_c_over_b(sample_rate: float) -> No
     the clipped sum of the bias-free layer is 0, so the move is exactly the noise: its standard
     deviation must be σC/B, whether Poisson drew everybody or (q ≈ 0) nobody."""
     model = torch.nn.Linear(400, 250, bias=False)  # 100,000 weights
-    data = TensorDataset(torch.zeros(5, 400), torch.zeros(5))
+    data = TensorDataset(torch.zeros(5, 400), torch.zeros(5), torch.zeros(5))
     plan = RoundPlan(1, sample_rate, 4, 1.0, noise_multiplier=1.7, max_grad_norm=0.6)
     before = model.weight.detach().clone()
     result = run_dp_steps(model, torch.optim.SGD(model.parameters(), lr=1.0), _squared, data, plan, RoundRandomness())
@@ -95,7 +96,7 @@ def test_the_noise_depends_only_on_the_site_keys_not_on_torch_seeds() -> None:
         torch.manual_seed(torch_seed)  # what a server could reproduce
         model = torch.nn.Linear(20, 10, bias=False)
         torch.nn.init.zeros_(model.weight)
-        data = TensorDataset(torch.zeros(5, 20), torch.zeros(5))
+        data = TensorDataset(torch.zeros(5, 20), torch.zeros(5), torch.zeros(5))
         plan = RoundPlan(2, 0.5, 2, 1.0, noise_multiplier=1.0, max_grad_norm=1.0)
         randomness = RoundRandomness(SecureRandom(bytes(32)), SecureRandom(noise_key), torch_seed)
         run_dp_steps(model, torch.optim.SGD(model.parameters(), lr=1.0), _squared, data, plan, randomness)
@@ -113,3 +114,32 @@ def _initial(base: Path) -> dict[str, torch.Tensor]:
     ldm = load_ldm(base)
     configure(ldm.denoiser, FinetuneMode.attention, 2)
     return trainable_tensors(ldm.denoiser)
+
+
+def test_the_loss_reads_the_sites_lesion_masks_only_with_the_mask_branch() -> None:
+    """subject_loss hands each row its slice's mask when the model has the mask branch: the same
+    draws with other masks give another loss. Without the branch the masks are not read."""
+    from client.trainer import TrainSettings, subject_loss
+    from common.mask_branch import NO_MASK, add_mask_branch
+    from common.model import ModelSpec, build_ldm
+
+    spec = ModelSpec(image_size=16, vae_channels=(8, 8, 8), unet_channels=(16, 32), condition_dim=16,
+                     attention_head_dim=8, norm_groups=8)  # fmt: skip
+    images = torch.rand(2, 3, 1, 16, 16) * 2 - 1  # -> [b, K, 1, 16, 16]
+    conditions = torch.full((2, 3, 7), float("nan"))
+    lesion = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    lesion[:, :, 4:12, 4:12] = 2
+    unknown = torch.full_like(lesion, NO_MASK)
+    settings = TrainSettings(drop_prob=0.0, slices_per_subject=3, noise_draws=2)
+
+    def loss(ldm, masks) -> float:
+        return subject_loss(ldm, settings, torch.Generator().manual_seed(0))(
+            ldm.denoiser, (images, conditions, masks)
+        ).item()
+
+    plain = build_ldm(spec, seed=0)
+    assert loss(plain, lesion) == loss(plain, unknown)
+    widened = build_ldm(spec, seed=0)
+    add_mask_branch(widened.denoiser.unet)
+    torch.nn.init.normal_(widened.denoiser.unet.conv_in.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    assert loss(widened, lesion) != loss(widened, unknown)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from common.mask_branch import has_mask_branch
+from common.model import load_ldm
 from common.privacy import Segment, epsilon
 from common.release import directory_digest
 from simulation.cli import app
@@ -79,7 +81,8 @@ def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Pa
     unreleased = CliRunner().invoke(app, [*args[:-4], "--base-model", str(out / "model"), "--out", str(tmp_path / "x")])
     assert unreleased.exit_code == 2 and "release it with `fedmri release`" in " ".join(unreleased.output.split())
     child_run, child = tmp_path / "child-run", tmp_path / "child-release"
-    chained = [*args[:-4], "--base-model", str(release), "--out", str(child_run)]
+    # The child run also adds the lesion-mask branch to that base and trains it with tiny-a's masks.
+    chained = [*args[:-4], "--base-model", str(release), "--out", str(child_run), "--mask-branch"]
     chained[chained.index("--rounds") + 1] = "1"
     assert CliRunner().invoke(app, chained).exit_code == 0
     assert CliRunner().invoke(app, ["release", str(child_run), "--out", str(child)]).exit_code == 0
@@ -93,7 +96,10 @@ def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Pa
         composed = epsilon([Segment(**x) for x in child_site["segments"]], child_site["delta"], "pld")
         assert composed * (1 - 1e-3) <= child_site["epsilon"] <= composed * (1 + 1e-3)
         assert parent_site["epsilon"] < child_site["epsilon"] <= 8.0  # composed, and still within the budget
+    assert has_mask_branch(load_ldm(child).denoiser.unet) and not has_mask_branch(load_ldm(release).denoiser.unet)
+    assert "**Mask branch.**" in (child / "README.md").read_text()
     card = (release / "README.md").read_text()
+    assert "**Mask branch.**" not in card
     assert "any one patient of tiny-a changes the probability of any outcome" in card
     assert "synthetic hospital, 3 T" in card  # the declared coverage, read from the site YAML
     # Federated evaluation of that release: each site on its held-out subject, aggregates only.

@@ -98,13 +98,16 @@ def test_subject_dataset_yields_k_slices_of_one_subject_per_item(tiny_sites: Pat
     dataset = SubjectDataset(slices, seed=0, slices_per_subject=k)
     assert len(dataset) == 4
     for subject in range(4):
-        images, conditions = dataset[subject]
+        images, conditions, masks = dataset[subject]
         assert images.shape == (k, 1, 32, 32) and images.min() >= -1.0 and images.max() <= 1.0
-        assert conditions.shape == (k, len(CONDITION_VECTOR))
-        # Every slice really belongs to this subject: each matches one of the subject's slices.
+        assert conditions.shape == (k, len(CONDITION_VECTOR)) and masks.shape == (k, 32, 32)
+        # Every slice really belongs to this subject: each matches one of the subject's slices,
+        # and comes with that slice's lesion mask.
         own = torch.from_numpy(slices.images[slices.subject == subject].astype(np.float32)) * 2 - 1
-        for image in images:
-            assert (own - image).abs().flatten(1).max(1).values.min() == 0
+        own_masks = torch.from_numpy(slices.lesion_mask[slices.subject == subject])
+        for image, mask in zip(images, masks, strict=True):
+            row = int((own - image).abs().flatten(1).max(1).values.argmin())
+            assert (own[row] - image).abs().max() == 0 and torch.equal(own_masks[row], mask)
     assert len(SliceDataset(slices)) == len(slices)
     with pytest.raises(ValueError, match="slices_per_subject"):
         SubjectDataset(slices, slices_per_subject=0)
@@ -368,3 +371,79 @@ def test_an_empty_lesion_mask_is_lesion_free_and_a_corrupt_one_is_named(tiny_sit
     lenient = read_site(root, strict=False, image_size=16)
     assert subject not in lenient.subjects and len(lenient.subjects) == len(before.subjects) - 1
     assert sorted(Path(f).name for f, _ in lenient.skipped) == scans
+
+
+def _glioma_subject(slices) -> int:
+    return next(i for i in range(len(slices.subjects)) if (slices.pathology[slices.subject == i] == Pathology.glioma.ordinal).any())  # fmt: skip
+
+
+def test_each_slice_carries_its_lesion_mask_on_its_own_pixel_grid(tiny_sites: Path, tmp_path: Path) -> None:
+    """A glioma subject's slices carry the mask (core, oedema, rim) where it reaches them; a healthy
+    subject's are lesion-free (all 0); a glioma subject without a mask file has NO_MASK. The mask
+    is sampled through world coordinates: stored reoriented (LPS) or on a grid twice as fine, it
+    gives the same pixels."""
+    from common.mask_branch import NO_MASK
+    from sites.bids import lesion_mask_path
+
+    root = Path(shutil.copytree(tiny_sites / "tiny-a", tmp_path / "tiny-a"))
+    slices = read_site(root, image_size=32)
+    i = _glioma_subject(slices)
+    mine = slices.subject == i
+    shown = mine & (slices.pathology == Pathology.glioma.ordinal)
+    assert set(np.unique(slices.lesion_mask[shown]).tolist()) == {0, 1, 2, 3}
+    assert (slices.lesion_mask[shown] > 0).reshape(shown.sum(), -1).any(1).mean() > 0.8
+    healthy = [s for s in range(len(slices.subjects)) if s != i and not (slices.pathology[slices.subject == s] == Pathology.glioma.ordinal).any()]  # fmt: skip
+    assert healthy and all((slices.lesion_mask[slices.subject == s] == 0).all() for s in healthy)
+    # The same mask stored LPS, then on a grid twice as fine (each voxel split in 8): same pixels.
+    path = lesion_mask_path(root, slices.subjects[i])
+    assert path is not None
+    canonical = nib.as_closest_canonical(nib.load(path))
+    labels = np.asarray(canonical.dataobj)
+    lps = nib.Nifti1Image(labels[::-1, ::-1].copy(), canonical.affine @ _flip_xy(labels.shape))
+    nib.save(lps, path)
+    assert np.array_equal(read_site(root, image_size=32).lesion_mask, slices.lesion_mask)
+    fine = labels.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    half = np.diag([0.5, 0.5, 0.5, 1.0])
+    half[:3, 3] = -0.25  # voxel 0 of the fine grid lies a quarter voxel before voxel 0 of the coarse one
+    nib.save(nib.Nifti1Image(fine, canonical.affine @ half), path)
+    assert np.array_equal(read_site(root, image_size=32).lesion_mask, slices.lesion_mask)
+    # Without the mask file, the glioma subject's masks are unknown; the others' are unchanged.
+    path.unlink()
+    bare = read_site(root, image_size=32)
+    assert (bare.lesion_mask[bare.subject == i] == NO_MASK).all()
+    assert np.array_equal(bare.lesion_mask[~mine], slices.lesion_mask[~mine])
+
+
+def _flip_xy(shape: tuple[int, ...]) -> np.ndarray:
+    """Voxel -> voxel affine of an array reversed along its first two axes."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = shape[0] - 1, shape[1] - 1
+    return flip
+
+
+@pytest.mark.parametrize(
+    ("values", "outcome"),
+    [(4, "read as 3"), (7, "labels \\[7\\] are not"), (0.5, "not whole-number labels")],
+)
+def test_lesion_mask_labels_are_brats_numbers_or_the_scans_are_dropped_by_name(
+    tiny_sites: Path, tmp_path: Path, values: float, outcome: str
+) -> None:
+    """BraTS's older enhancing label 4 reads as 3; labels outside 0-4, or a probability map, make the
+    subject's masks unusable: lenient mode drops its scans and names the mask and the reason."""
+    from sites.bids import lesion_mask_path
+
+    root = Path(shutil.copytree(tiny_sites / "tiny-a", tmp_path / "tiny-a"))
+    before = read_site(root, image_size=16)
+    i = _glioma_subject(before)
+    path = lesion_mask_path(root, before.subjects[i])
+    assert path is not None
+    image = nib.load(path)
+    labels = np.asarray(image.dataobj).astype(np.float32)
+    labels[labels == 3] = values
+    nib.save(nib.Nifti1Image(labels, image.affine), path)
+    after = read_site(root, strict=False, image_size=16)
+    if outcome == "read as 3":
+        assert np.array_equal(after.lesion_mask, before.lesion_mask) and not after.skipped
+    else:
+        assert before.subjects[i] not in after.subjects
+        assert after.skipped and all(re.search(outcome, reason) for _, reason in after.skipped)
