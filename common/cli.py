@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -141,6 +142,22 @@ def generate(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = no guidance).")] = 3.0,
     sampler: Annotated[str, typer.Option(help="'dpm++' (fast) or 'ddpm' (baseline).")] = "dpm++",
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            help="A lesion mask to follow, on the model's 64 x 64 slice grid (e.g. a samples_mask.nii.gz): one "
+            "image per axial slice. Needs --prompt and a model with the mask branch (docs/masks.md)."
+        ),
+    ] = None,
+    lesion: Annotated[
+        str | None,
+        typer.Option(
+            help='Draw -n masks of a lesion from the public prior, e.g. "glioma, 3 cm, left frontal" or "ms".'
+        ),
+    ] = None,
+    random_masks: Annotated[
+        int, typer.Option(help="Draw this many random plausible lesion masks (glioma or MS) from the public prior.")
+    ] = 0,
     skip_verify: Annotated[
         bool, typer.Option(help="Load a release without verifying its privacy.json first (says so).")
     ] = False,
@@ -148,6 +165,8 @@ def generate(
 ) -> None:
     """Generate brain MRI slices from a prompt, or a modality x pathology grid (`--grid`).
 
+    With a lesion mask (`--mask`, `--lesion` or `--random-masks`) each image follows its mask, and
+    the masks are written beside the images (samples_mask.nii.gz) and outlined on grid.png.
     A release (a directory with privacy.json) is verified before it is loaded, as by
     `fedmri verify`; generation stops if verification fails.
     """
@@ -158,17 +177,24 @@ def generate(
     from common.conditions import Modality, Pathology
     from common.generate import Request, grid_requests
     from common.generate import generate as run_generate
+    from common.mask_branch import has_mask_branch
     from common.model import load_ldm
     from common.prompts import parse_prompt
     from common.weights import base_model_dir
 
     try:
+        asked = [name for name, on in (("--grid", grid), ("--mask", mask), ("--lesion", lesion),
+                                       ("--random-masks", random_masks)) if on]  # fmt: skip
+        if len(asked) > 1:
+            raise ValueError(f"choose one of {', '.join(asked)}")
         if grid:
             rows, cols = (
                 _parse_modalities(modalities) or list(Modality),
                 _parse_pathologies(pathologies) or list(Pathology),
             )
             requests, shape = grid_requests(field_strength, rows, cols), (len(rows), len(cols))
+        elif mask or lesion or random_masks:
+            requests, shape = mask_requests(prompt, mask, lesion, n, random_masks, seed), None
         elif prompt:
             requests, shape = [Request(parse_prompt(prompt), prompt)] * n, None
         else:
@@ -176,6 +202,11 @@ def generate(
         if model is not None:
             check_before_loading(model, skip_verify)
         ldm = load_ldm(model or base_model_dir())
+        if requests[0].mask is not None and not has_mask_branch(ldm.denoiser.unet):
+            raise ValueError(
+                f"{model or 'the shipped base'} has no mask branch, so it cannot follow a lesion mask; train one "
+                "with `fedmri simulate --mask-branch` and release it (docs/masks.md)"
+            )
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
@@ -197,6 +228,48 @@ def generate(
     console.print(
         f"{len(requests)} images in {time.perf_counter() - start:.1f} s -> {out}/samples.nii.gz, samples.json, grid.png"
     )
+
+
+def mask_requests(
+    prompt: str | None, mask: Path | None, lesion: str | None, n: int, random_masks: int, seed: int
+) -> list:
+    """Requests that follow a lesion mask: every slice of `mask` (with the prompt's conditions),
+    `n` draws of `lesion`, or `random_masks` random draws, from the public prior (sites/lesion_prior.py).
+
+    The pathology is the lesion's; a prompt that names another one is refused. The slice
+    position is the prompt's, or mid-brain (0.55)."""
+    from common.conditions import Conditions, Pathology
+    from common.generate import Request, read_mask_slices
+    from common.prompts import describe, parse_prompt
+    from sites.lesion_prior import LesionRequest, lesion_mask, parse_request, random_request
+
+    asked = parse_prompt(prompt) if prompt else Conditions()
+    position = asked.slice_position if asked.slice_position is not None else 0.55
+    if mask is not None:
+        if asked.pathology not in (Pathology.glioma, Pathology.ms):
+            raise ValueError(
+                f"--mask {mask}: say in --prompt which lesion it outlines (glioma or MS), e.g. 'FLAIR, 3T, glioma'"
+            )
+        return [
+            Request(asked, prompt or "", m, f"{mask.name} slice {i}") for i, m in enumerate(read_mask_slices(mask, 64))
+        ]
+    rng = np.random.default_rng(seed)
+    if lesion:
+        wanted: list[LesionRequest] = [parse_request(lesion, position)] * n
+    else:
+        focal = (
+            [asked.pathology]
+            if asked.pathology in (Pathology.glioma, Pathology.ms)
+            else [Pathology.glioma, Pathology.ms]
+        )
+        wanted = [random_request(focal[int(rng.integers(len(focal)))], rng, position) for _ in range(random_masks)]
+    requests = []
+    for want in wanted:
+        if asked.pathology is not None and asked.pathology is not want.pathology:
+            raise ValueError(f"the prompt says {asked.pathology.value} but the lesion is {want.pathology.value}")
+        conditions = replace(asked, pathology=want.pathology, slice_position=want.slice_position)
+        requests.append(Request(conditions, describe(conditions), lesion_mask(want, rng), want.describe()))
+    return requests
 
 
 @app.command(rich_help_panel=MODEL_PANEL)

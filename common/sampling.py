@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
 from common.conditioning import unconditional
+from common.mask_branch import no_masks
 from common.model import LDM
 
 SAMPLERS = ("dpm++", "ddpm")
@@ -34,11 +35,14 @@ def sample(
     seed: int = 0,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Generate one image per row of `conditions` [N, 7]. Returns [N, 1, H, W] in [0, 1].
+    """Generate one image per row of `conditions` [N, 7], following `masks` [N, H, W] (lesion
+    labels, common/mask_branch.py) when given. Returns [N, 1, H, W] in [0, 1].
 
-    Guided prediction: ε̂ = ε(∅) + w (ε(c) − ε(∅)) (Ho & Salimans 2022, eq. 6). The same seed
-    gives the same images on the same device. Runs where the model is; the images come back on the CPU.
+    Guided prediction: ε̂ = ε(∅) + w (ε(c) − ε(∅)) (Ho & Salimans 2022, eq. 6). The mask belongs
+    to c: ∅ has neither attributes nor mask, so guidance strengthens both. The same seed gives
+    the same images on the same device. Runs where the model is; the images come back on the CPU.
     """
     device = next(ldm.denoiser.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -57,9 +61,13 @@ def sample(
         )
         latents = noise[start : start + batch_size] * scheduler.init_noise_sigma
         both = torch.cat([unconditional(len(cond), device), cond])  # -> [2b, 7]
+        extra: tuple[torch.Tensor, ...] = ()
+        if masks is not None:
+            given = masks[start : start + batch_size].to(device)  # -> [b, H, W]
+            extra = (torch.cat([no_masks(len(given), given.shape[-1], device), given]),)  # -> [2b, H, W]
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            prediction = ldm.denoiser(model_input, t.expand(len(both)), both)  # -> [2b, 4, 16, 16]
+            prediction = ldm.denoiser(model_input, t.expand(len(both)), both, *extra)  # -> [2b, 4, 16, 16]
             uncond, cond_pred = prediction.chunk(2)
             guided = uncond + guidance_scale * (cond_pred - uncond)
             latents = scheduler.step(guided, t, latents, generator=generator).prev_sample

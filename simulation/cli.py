@@ -112,8 +112,7 @@ def simulate(
     mask_branch: Annotated[
         bool,
         typer.Option(
-            help="Add the lesion-mask branch to the base and train it with the sites' lesion masks "
-            "(docs/masks.md)."
+            help="Add the lesion-mask branch to the base and train it with the sites' lesion masks (docs/masks.md)."
         ),
     ] = _DEFAULTS.mask_branch,
     device: Annotated[

@@ -84,6 +84,15 @@ class LesionRequest:
         if self.diameter_mm is not None and not lo <= self.diameter_mm <= hi:
             raise ValueError(f"glioma diameter must lie in {lo:g}-{hi:g} mm, got {self.diameter_mm:g} mm")
 
+    def describe(self) -> str:
+        """As a request is written: 'glioma, 30 mm, left frontal', 'glioma' (size and place drawn), 'ms'."""
+        parts = [self.pathology.value]
+        if self.diameter_mm is not None:
+            parts.append(f"{self.diameter_mm:.0f} mm")
+        if self.side is not None or self.lobe is not None:
+            parts.append(" ".join(str(p.value) for p in (self.side, self.lobe) if p is not None))
+        return ", ".join(parts)
+
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(mm|cm)$")
 
