@@ -11,6 +11,7 @@ import typer
 
 from common.cli_helpers import MODEL_PANEL, SITES_DIR, console
 from common.evaluator import EvaluatorConfig
+from common.segmenter import SegmenterConfig
 
 if TYPE_CHECKING:
     from common.evaluator import LabelledSlices
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(rich_markup_mode="markdown")
 _EVALUATOR = EvaluatorConfig()  # the defaults of `fedmri train-evaluator`
+_SEGMENTER = SegmenterConfig()  # the defaults of `fedmri train-segmenter`
 
 
 def labelled(slices: SiteSlices) -> LabelledSlices:
@@ -31,6 +33,25 @@ def labelled(slices: SiteSlices) -> LabelledSlices:
             f"{int(unknown.sum())} slices have an unknown modality, pathology or field: no label to train on"
         )
     return LabelledSlices(slices.images, slices.modality, slices.pathology, field_class(slices.field_strength))
+
+
+def reference_splits(sites_dir: Path) -> tuple[list[tuple[SiteSlices, SiteSlices]], dict]:
+    """(training, validation) slices of every public reference site, split by subject at each YAML's
+    holdout_fraction (made under `sites_dir` if missing), and a summary per site."""
+    from sites.bids import read_site_data, split_subjects
+    from sites.cli import make_scenario_sites
+    from sites.config import load_site
+    from sites.scenarios import reference_sites
+
+    splits, summary = [], {}
+    for path in make_scenario_sites(reference_sites(), sites_dir):
+        site = load_site(path)
+        data = read_site_data(site)
+        fit, held = split_subjects(data, site.site_id, site.data.holdout_fraction)
+        splits.append((fit, held))
+        summary[site.site_id] = {**data.summary(), "training_subjects": len(fit.subjects),
+                                 "validation_subjects": len(held.subjects)}  # fmt: skip
+    return splits, summary
 
 
 @app.command("train-evaluator", rich_help_panel=MODEL_PANEL)
@@ -65,21 +86,10 @@ def train_evaluator(
 
     from common.evaluator import Evaluator, LabelledSlices, accuracy, save_evaluator
     from common.evaluator import train_evaluator as run_training
-    from sites.bids import read_site_data, split_subjects
-    from sites.cli import make_scenario_sites
-    from sites.config import load_site
-    from sites.scenarios import reference_sites
 
     start = time.perf_counter()
-    training, validation, summary = [], [], {}
-    for path in make_scenario_sites(reference_sites(), sites_dir):
-        site = load_site(path)
-        data = read_site_data(site)
-        fit, held = split_subjects(data, site.site_id, site.data.holdout_fraction)
-        training.append(labelled(fit))
-        validation.append(labelled(held))
-        summary[site.site_id] = {**data.summary(), "training_subjects": len(fit.subjects),
-                                 "validation_subjects": len(held.subjects)}  # fmt: skip
+    splits, summary = reference_splits(sites_dir)
+    training, validation = [labelled(fit) for fit, _ in splits], [labelled(held) for _, held in splits]
 
     def stack(parts: list) -> LabelledSlices:
         return LabelledSlices(
@@ -103,6 +113,78 @@ def train_evaluator(
     console.print(
         f"evaluator written to {out}: validation accuracy (held-out reference subjects) "
         + ", ".join(f"{k} {v:.1%}" for k, v in val_accuracy.items())
+    )
+
+
+@app.command("train-segmenter", rich_help_panel=MODEL_PANEL)
+def train_segmenter(
+    out: Annotated[Path, typer.Option(help="Segmenter directory to write (segmenter.safetensors + provenance.json).")],
+    sites_dir: Annotated[
+        Path, typer.Option("--sites", help="Where the public reference sites are (made there if missing).")
+    ] = SITES_DIR,
+    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = _SEGMENTER.steps,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and sampling.")] = _SEGMENTER.seed,
+) -> None:
+    """Train fedmri's lesion segmenter on the public **reference** sites' glioma and MS masks.
+
+    A small UNet (common/segmenter.py) that finds the lesion in a slice: the measure of mask
+    adherence (issue 15). Validation subjects (each reference YAML's holdout_fraction) are never
+    trained on; their whole-lesion Dice, per pathology, goes into provenance.json with the
+    command, config and sha256. The shipped segmenter (common/weights/fedmri-seg-v1) was made by
+    this command.
+    """
+    import time
+
+    import numpy as np
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common.conditions import Modality, Pathology
+    from common.mask_branch import NO_MASK
+    from common.segmenter import Segmenter, SegmenterConfig, dice, save_segmenter
+    from common.segmenter import train_segmenter as run_training
+
+    start = time.perf_counter()
+    splits, summary = reference_splits(sites_dir)
+
+    def known(parts: list) -> list[np.ndarray]:
+        """Images, masks and pathology of the slices whose mask is known."""
+        rows = [p.lesion_mask[:, 0, 0] != NO_MASK for p in parts]
+        return [np.concatenate([getattr(p, name)[r] for p, r in zip(parts, rows, strict=True)])
+                for name in ("images", "lesion_mask", "pathology", "modality")]  # fmt: skip
+
+    fit_images, fit_masks, _, _ = known([fit for fit, _ in splits])
+    val_images, val_masks, val_pathology, val_modality = known([held for _, held in splits])
+    cfg = SegmenterConfig(steps=steps, seed=seed)
+    with Progress(TextColumn("segmenter"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                  TimeElapsedColumn(), console=console) as bar:  # fmt: skip
+        task = bar.add_task("train", total=steps, loss=0.0)
+        net = run_training(
+            fit_images, fit_masks, cfg, lambda step, total, loss: bar.update(task, completed=step, loss=loss)
+        )
+    found = Segmenter(net).segment(val_images)
+    scores = dice(found, val_masks)
+    validation, by_modality = {}, {}
+    for p in (Pathology.glioma, Pathology.ms):
+        mine = val_pathology == p.ordinal
+        if np.isfinite(scores[mine]).any():
+            validation[p.value] = round(float(np.nanmean(scores[mine])), 4)
+            by_modality[p.value] = {m.value: round(float(np.nanmean(scores[mine & (val_modality == m.ordinal)])), 4)
+                                    for m in Modality if np.isfinite(scores[mine & (val_modality == m.ordinal)]).any()}  # fmt: skip
+    lesion_free = (val_masks.reshape(len(val_masks), -1) == 0).all(1)
+    false_alarms = float((found[lesion_free].reshape(int(lesion_free.sum()), -1) > 0).any(1).mean())
+    save_segmenter(net, cfg, out, {
+        "command": "fedmri " + shlex.join(sys.argv[1:]),
+        "data": summary,
+        "slices": {"training": len(fit_images), "validation": len(val_images)},
+        "validation_dice": validation,
+        "validation_dice_by_modality": by_modality,
+        "validation_lesion_free_slices_with_a_finding": round(false_alarms, 4),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    })  # fmt: skip
+    console.print(
+        f"segmenter written to {out}: whole-lesion Dice on held-out reference subjects "
+        + ", ".join(f"{k} {v:.2f}" for k, v in validation.items())
+        + f"; lesion-free slices with a finding {false_alarms:.1%}"
     )
 
 

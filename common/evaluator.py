@@ -13,22 +13,17 @@ beside the base model with the same kind of provenance (`fedmri train-evaluator`
 
 from __future__ import annotations
 
-import json
-import platform
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.atomic import sha256_file
 from common.conditions import Modality, Pathology
 from common.randomize import randomize
-from common.weights import shipped_dir
+from common.weights import load_network, save_network, shipped_dir
 
 NAME = "fedmri-eval-v2"
 EVALUATOR_DIR = Path(__file__).parent / "weights" / NAME
@@ -170,40 +165,18 @@ def accuracy(evaluator: Evaluator, data: LabelledSlices) -> dict[str, float]:
 
 def save_evaluator(net: EvaluatorNet, cfg: EvaluatorConfig, out: Path, provenance: dict) -> Path:
     """Write OUT/evaluator.safetensors and OUT/provenance.json (config, data, accuracy, sha256)."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / WEIGHTS)
-    record = {
-        **provenance,
-        "config": asdict(cfg),
-        "heads": {"modality": [m.value for m in Modality], "pathology": [p.value for p in Pathology],
-                  "field": list(FIELD_CLASSES)},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {WEIGHTS: sha256_file(out / WEIGHTS)},
-    }  # fmt: skip
-    (out / "provenance.json").write_text(json.dumps(record, indent=2))
-    return out
+    heads = {"modality": [m.value for m in Modality], "pathology": [p.value for p in Pathology],
+             "field": list(FIELD_CLASSES)}  # fmt: skip
+    return save_network(out, WEIGHTS, net.state_dict(), {**provenance, "config": asdict(cfg), "heads": heads})
 
 
 def load_evaluator(directory: Path | None = None) -> Evaluator:
     """The evaluator in `directory` (default: the shipped one), after checking its sha256 against provenance."""
-    directory = directory or shipped_dir(EVALUATOR_DIR, "`fedmri train-evaluator --out DIR`")
-    provenance_path = directory / "provenance.json"
-    if not provenance_path.exists():
-        raise FileNotFoundError(
-            f"{provenance_path} missing: no evaluator there; build one with `fedmri train-evaluator --out DIR`"
-        )
-    provenance = json.loads(provenance_path.read_text())
-    for rel, digest in provenance["files"].items():
-        path = directory / rel
-        if not path.exists():
-            raise FileNotFoundError(f"{path} missing (listed in {provenance_path})")
-        if sha256_file(path) != digest:
-            raise ValueError(f"{path} does not match the sha256 in {provenance_path}: refusing a changed evaluator")
+    rebuild = "`fedmri train-evaluator --out DIR`"
+    state, provenance = load_network(directory or shipped_dir(EVALUATOR_DIR, rebuild), WEIGHTS, rebuild)
     cfg = EvaluatorConfig(**provenance["config"])
     net = EvaluatorNet(cfg.width, cfg.features)
-    net.load_state_dict(load_file(directory / WEIGHTS))
+    net.load_state_dict(state)
     return Evaluator(net, provenance)
 
 

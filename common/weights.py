@@ -63,3 +63,43 @@ def shipped_dir(here: Path, rebuild: str) -> Path:
         f"files), and no installed fedmri holds files matching its sha256 ({installed}). Install fedmri on "
         "this machine, or set run config base-model to a model directory present on every machine."
     )
+
+
+def save_network(out: Path, weights: str, state: dict, provenance: dict) -> Path:
+    """Write OUT/<weights> (safetensors) and OUT/provenance.json: `provenance`, the machine, the
+    time, and the sha256 of the weights, which load_network checks."""
+    import platform
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, out / weights)
+    record = {
+        **provenance,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {weights: sha256_file(out / weights)},
+    }  # fmt: skip
+    (out / "provenance.json").write_text(json.dumps(record, indent=2))
+    return out
+
+
+def load_network(directory: Path, weights: str, rebuild: str) -> tuple[dict, dict]:
+    """(state dict, provenance) of a directory written by save_network, after checking every file's
+    sha256 against its provenance.json; `rebuild` says how to make one."""
+    from safetensors.torch import load_file
+
+    provenance_path = directory / "provenance.json"
+    if not provenance_path.exists():
+        raise FileNotFoundError(f"{provenance_path} missing: no network there; build one with {rebuild}")
+    provenance = json.loads(provenance_path.read_text())
+    for rel, digest in provenance["files"].items():
+        path = directory / rel
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing (listed in {provenance_path})")
+        if sha256_file(path) != digest:
+            raise ValueError(f"{path} does not match the sha256 in {provenance_path}: refusing a changed network")
+    return load_file(directory / weights), provenance
