@@ -28,6 +28,7 @@ from common.prompts import conditions_to_vector
 from common.protocol import EvalReply, EvalRequest
 from common.run_config import RunConfig
 from common.sampling import sample
+from common.segmenter import Segmenter, dice
 
 log = logging.getLogger("fedmri.server")
 
@@ -153,6 +154,44 @@ def grid_adherence(
     return rows
 
 
+# Where mask adherence is measured: the contrasts on which the shipped segmenter finds each lesion
+# in real held-out reference slices (whole-lesion Dice >= 0.5, its provenance.json); on the others
+# (T1w; T1ce; MS on T2w) it cannot tell a followed mask from an ignored one.
+MASK_CONTRASTS = {Pathology.glioma: (Modality.T2w, Modality.FLAIR, Modality.PDw), Pathology.ms: (Modality.FLAIR,)}
+
+
+def mask_adherence_rows(ldm: LDM, segmenter: Segmenter, samples: int, steps: int, seed: int = 0) -> list[dict]:
+    """Mask adherence (issue 15) of a model with the mask branch: for each lesion, contrast and field
+    strength, `samples` slices generated to follow random plausible masks from the public prior
+    (sites/lesion_prior.py, so no site is read), and the mean whole-lesion Dice between each mask
+    and the lesion the segmenter finds. Beside it, the segmenter's Dice on real reference slices
+    of that lesion and contrast: the most a perfect generator could score."""
+    from sites.lesion_prior import lesion_mask, random_request
+
+    rng = np.random.default_rng(seed)
+    ceiling = segmenter.provenance.get("validation_dice_by_modality", {})
+    requests = [(p, m, f) for p, contrasts in MASK_CONTRASTS.items() for m in contrasts for f in FIELD_CLASSES]
+    conditions, masks = [], []
+    for p, m, f in requests:
+        for _ in range(samples):
+            conditions.append(
+                conditions_to_vector(Conditions(modality=m, pathology=p, field_strength=f, slice_position=0.55))
+            )
+            masks.append(lesion_mask(random_request(p, rng), rng, ldm.settings.image_size, ldm.settings.fov_mm))
+    asked = np.stack(masks)  # -> [R·samples, H, W]
+    images = sample(
+        ldm, torch.stack(conditions), steps, 3.0, "dpm++", seed, batch_size=32, masks=torch.from_numpy(asked)
+    )
+    found = segmenter.segment(images[:, 0].numpy())
+    scores = dice(found, asked)
+    return [
+        {"pathology": p.value, "modality": m.value, "field_T": f, "n": samples,
+         "mask_dice": float(np.nanmean(scores[i * samples : (i + 1) * samples])),
+         "segmenter_on_real": ceiling.get(p.value, {}).get(m.value, float("nan"))}
+        for i, (p, m, f) in enumerate(requests)
+    ]  # fmt: skip
+
+
 def summarize(rows: list[dict]) -> dict[str, float]:
     """Mean adherence per head over all combinations, over held ones and over unseen ones."""
     out: dict[str, float] = {}
@@ -240,8 +279,10 @@ def plot_report(site: list[dict], grid: list[dict], utility: list[dict], path: P
 def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
     """Verify and load the release, evaluate at every site and over the grid; write the report into run-dir."""
     from common.evaluator import load_evaluator
+    from common.mask_branch import has_mask_branch
     from common.model import load_ldm, model_configs
     from common.release import MANIFEST, verify_release
+    from common.segmenter import load_segmenter
 
     model = Path(run.eval_model)
     if (model / MANIFEST).exists():
@@ -262,6 +303,10 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
     grid_rows = grid_adherence(
         ldm, load_evaluator(), held_combinations(sites), run.eval_grid_samples, run.eval_steps, run.seed
     )
+    masked = has_mask_branch(ldm.denoiser.unet)
+    mask_rows = (
+        mask_adherence_rows(ldm, load_segmenter(), run.eval_grid_samples, run.eval_steps, run.seed) if masked else []
+    )
     out = Path(run.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [
@@ -269,12 +314,19 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         *write_table(grid_rows, out / "evaluation_adherence"),
         *write_table(utility_rows(sites), out / "evaluation_utility"),
         plot_report(site_rows(sites), grid_rows, utility_rows(sites), out / "evaluation.png"),
+        *(write_table(mask_rows, out / "evaluation_masks") if mask_rows else ()),
     ]
     summary = {
         "model": str(model),
         "sites": sorted(sites),
         "errors": collected["errors"],
         "adherence": summarize(grid_rows),
+        "mask_adherence": {
+            p.value: float(np.mean([r["mask_dice"] for r in mask_rows if r["pathology"] == p.value]))
+            for p in MASK_CONTRASTS
+        }
+        if mask_rows
+        else "the model has no mask branch",
         "request": {k: v for k, v in asdict(request).items() if k != "model_configs"},
         "wall_s": round(time.time() - start, 1),
     }

@@ -58,6 +58,23 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tiny_sites: Path) -> Pat
     return out
 
 
+@pytest.fixture(scope="session")
+def masked_base(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base with a mask branch whose weights are not zero, so masks change the images."""
+    import torch
+
+    from common.mask_branch import add_mask_branch
+    from common.model import load_ldm, save_ldm
+
+    ldm = load_ldm(tiny_base)
+    add_mask_branch(ldm.denoiser.unet)
+    with torch.no_grad():
+        ldm.denoiser.unet.conv_in.weight[:, 4:].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("masked-base")
+    save_ldm(ldm, out)
+    return out
+
+
 @pytest.fixture
 def private_sites(tiny_sites: Path, tmp_path: Path) -> Path:
     """Copies of tiny-a and tiny-b with their own site homes: fresh ledgers, keys and markers."""

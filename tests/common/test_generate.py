@@ -13,22 +13,9 @@ from typer.testing import CliRunner
 
 from common.conditions import Modality, Pathology
 from common.generate import read_mask_slices, to_volume
-from common.mask_branch import add_mask_branch
-from common.model import load_ldm, save_ldm
+from common.model import load_ldm
 from common.sampling import sample
 from simulation.cli import app
-
-
-@pytest.fixture(scope="module")
-def masked_base(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base with a mask branch whose weights are not zero, so masks change the images."""
-    ldm = load_ldm(tiny_base)
-    add_mask_branch(ldm.denoiser.unet)
-    with torch.no_grad():
-        ldm.denoiser.unet.conv_in.weight[:, 4:].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
-    out = tmp_path_factory.mktemp("masked-base")
-    save_ldm(ldm, out)
-    return out
 
 
 def _mask(rows: slice, cols: slice, label: int = 2) -> np.ndarray:
