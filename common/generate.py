@@ -162,8 +162,8 @@ def save_grid(images: np.ndarray, requests: list[Request], path: Path, shape: tu
             if mask is not None and (mask == label).any():
                 ax.contour(mask == label, levels=[0.5], colors=colour, linewidths=0.7)
         c = requests[i].conditions
-        if shape is None:
-            ax.set_title(requests[i].prompt[:28], fontsize=6)
+        if shape is None:  # the prompt, and the lesion the slice was asked to follow
+            ax.set_title("\n".join(t[:30] for t in (requests[i].prompt, requests[i].lesion) if t), fontsize=6)
         else:
             if i < cols and c.pathology:
                 ax.set_title(c.pathology.value, fontsize=9)
