@@ -17,10 +17,14 @@ whose mask is unknown has none, and the model then generates from its attributes
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from torch import nn
+
+if TYPE_CHECKING:  # diffusers stays unloaded for `fedmri --help` (tests/simulation/test_cli.py)
+    from diffusers import UNet2DConditionModel
 
 MASK_LABELS = (1, 2, 3)
 NO_MASK = 255  # fills a row whose mask is not given
