@@ -312,6 +312,7 @@ def axial_slices(
     image_size: int,
     fov_mm: float,
     slab: tuple[np.ndarray, tuple[int, int, np.ndarray]] | None = None,
+    grid: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalized axial slices [S, image_size, image_size] in [0, 1] and their positions [S] in [0, 1].
 
@@ -320,13 +321,13 @@ def axial_slices(
     never read and position 0.5 is mid-brain with or without one. Each slice is resampled to a
     square `fov_mm` field of view centred on the kept part of the head (rows anterior to
     posterior, columns from the patient's left to right: neurological convention), divided by
-    the 99.5th percentile of the head and clipped to [0, 1]. `slab` is head_and_slab(data, zooms),
-    when the caller has it already.
+    the 99.5th percentile of the head and clipped to [0, 1]. `slab` is head_and_slab(data, zooms)
+    and `grid` slice_grid(...), when the caller has them already.
     """
     foreground, (z_lo, z_hi, positions) = slab or head_and_slab(data, zooms)
     pixel = fov_mm / image_size
     sigma = [max(0.0, 0.5 * (pixel / zooms[0] - 1.0)), max(0.0, 0.5 * (pixel / zooms[1] - 1.0))]
-    cols, rows = slice_grid(foreground, zooms, image_size, fov_mm, (z_lo, z_hi))
+    cols, rows = grid or slice_grid(foreground, zooms, image_size, fov_mm, (z_lo, z_hi))
     scale = np.percentile(data[foreground], 99.5)
     slices = []
     for z in range(z_lo, z_hi + 1):
@@ -343,7 +344,11 @@ def slice_grid(
     A square `fov_mm` field centred on the kept part of the head; rows run anterior to posterior,
     columns from the patient's left to right. -> [H, W] float64 each"""
     z_lo, z_hi = kept
-    centre = ndimage.center_of_mass(foreground[:, :, z_lo : z_hi + 1])
+    head = foreground[:, :, z_lo : z_hi + 1]
+    voxels = head.sum()  # the centre of mass of the kept head, from its projections on x and y:
+    centre = [
+        (head.sum(axes) * np.arange(head.shape[axis])).sum() / voxels for axis, axes in ((0, (1, 2)), (1, (0, 2)))
+    ]
     pixel = fov_mm / image_size
     offsets = (np.arange(image_size) - (image_size - 1) / 2) * pixel  # mm
     xs = centre[0] + offsets / zooms[0]
@@ -508,7 +513,7 @@ def read_site(
         except SiteDataError as err:
             problems.report(scan.path, f"its lesion mask cannot be used: {err}")
             continue
-        images, positions = axial_slices(data, zooms, image_size, fov_mm, slab)
+        images, positions = axial_slices(data, zooms, image_size, fov_mm, slab, grid)
         if np.isnan(positions).any():
             unplaced.append(scan.path.name)
         count = len(images)
