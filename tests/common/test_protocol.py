@@ -41,6 +41,7 @@ proposals = st.builds(
     base_model=names,
     finetune_mode=st.sampled_from(FinetuneMode),
     lora_rank=positive,
+    mask_branch=st.booleans(),
     ledger_heads=st.dictionaries(names, names, max_size=3),
     proximal_mu=finite,
     noise_multiplier=st.none() | finite,
@@ -98,6 +99,7 @@ PROPOSAL = RoundProposal(1, 3, 20, 16, 1e-4, 4, 2, "shipped", FinetuneMode.atten
         ({"ledger-heads": "[1]"}, "JSON object"),
         ({"max-epsilon": 100.0}, "unknown keys ['max-epsilon']"),
         ({"batch-size": None}, "missing key 'batch-size'"),
+        ({"mask-branch": 1}, "'mask-branch' = 1 is not bool"),
     ],
 )
 def test_a_proposal_is_read_strictly(change: dict[str, object], message: str) -> None:
