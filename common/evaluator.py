@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from common.conditions import Modality, Pathology
+from common.fit import fit
 from common.randomize import randomize
 from common.weights import load_network, save_network, shipped_dir
 
@@ -107,22 +108,17 @@ def train_evaluator(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     net = EvaluatorNet(cfg.width, cfg.features).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.learning_rate, total_steps=cfg.steps)
     images = torch.from_numpy(data.images.astype(np.float32)).unsqueeze(1)  # -> [N, 1, 64, 64]
-    for step in range(1, cfg.steps + 1):
+
+    def loss_at() -> torch.Tensor:
         rows = torch.randint(len(images), (cfg.batch_size,), generator=generator).numpy()
         batch = _augment(images[rows], generator)  # -> [B, 1, 64, 64]
         logits = net(randomize(batch, generator) if cfg.randomize else batch)
         targets = data.labels(rows)
-        loss = torch.stack([nn.functional.cross_entropy(logits[name], targets[name]) for name in HEADS]).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if progress:
-            progress(step, cfg.steps, loss.item())
-    return net.eval()
+        return torch.stack([nn.functional.cross_entropy(logits[name], targets[name]) for name in HEADS]).sum()
+
+    fit(net, cfg.steps, cfg.learning_rate, loss_at, progress)
+    return net
 
 
 class Evaluator:

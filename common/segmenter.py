@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.fit import fit
 from common.mask_branch import MASK_LABELS
 from common.weights import load_network, save_network, shipped_dir
 
@@ -97,8 +98,6 @@ def train_segmenter(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     net = SegmenterNet(cfg.width).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.learning_rate, total_steps=cfg.steps)
     x_all = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)  # -> [N, 1, 64, 64]
     y_all = torch.from_numpy(masks.astype(np.int64))  # -> [N, 64, 64]
     shows = torch.from_numpy((masks > 0).reshape(len(masks), -1).any(1))
@@ -107,7 +106,8 @@ def train_segmenter(
         raise ValueError("no slice shows a lesion: nothing to learn a segmenter from")
     n_lesion = round(cfg.batch_size * cfg.lesion_share)
     class_weights = torch.tensor([1.0] + [cfg.lesion_weight] * len(MASK_LABELS))
-    for step in range(1, cfg.steps + 1):
+
+    def loss_at() -> torch.Tensor:
         rows = torch.cat([
             lesion_rows[torch.randint(len(lesion_rows), (n_lesion,), generator=generator)],
             other_rows[torch.randint(len(other_rows), (cfg.batch_size - n_lesion,), generator=generator)],
@@ -118,14 +118,10 @@ def train_segmenter(
         truth = (y > 0).float()
         overlap, sizes = (lesion * truth).sum((1, 2)), lesion.sum((1, 2)) + truth.sum((1, 2))  # -> [B] each
         soft_dice = ((2 * overlap + 1.0) / (sizes + 1.0))[:n_lesion].mean()  # the rows that show a lesion
-        loss = nn.functional.cross_entropy(logits, y, weight=class_weights) + (1.0 - soft_dice)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if progress:
-            progress(step, cfg.steps, loss.item())
-    return net.eval()
+        return nn.functional.cross_entropy(logits, y, weight=class_weights) + (1.0 - soft_dice)
+
+    fit(net, cfg.steps, cfg.learning_rate, loss_at, progress)
+    return net
 
 
 class Segmenter:
