@@ -187,14 +187,15 @@ def generate(
                                        ("--random-masks", random_masks)) if on]  # fmt: skip
         if len(asked) > 1:
             raise ValueError(f"choose one of {', '.join(asked)}")
+        masked = bool(mask or lesion or random_masks)
         if grid:
             rows, cols = (
                 _parse_modalities(modalities) or list(Modality),
                 _parse_pathologies(pathologies) or list(Pathology),
             )
             requests, shape = grid_requests(field_strength, rows, cols), (len(rows), len(cols))
-        elif mask or lesion or random_masks:
-            requests, shape = mask_requests(prompt, mask, lesion, n, random_masks, seed), None
+        elif masked:
+            requests, shape = [], None  # made below, on the loaded model's slice grid
         elif prompt:
             requests, shape = [Request(parse_prompt(prompt), prompt)] * n, None
         else:
@@ -202,10 +203,14 @@ def generate(
         if model is not None:
             check_before_loading(model, skip_verify)
         ldm = load_ldm(model or base_model_dir())
-        if requests[0].mask is not None and not has_mask_branch(ldm.denoiser.unet):
+        if masked and not has_mask_branch(ldm.denoiser.unet):
             raise ValueError(
                 f"{model or 'the shipped base'} has no mask branch, so it cannot follow a lesion mask; train one "
                 "with `fedmri simulate --mask-branch` and release it (docs/masks.md)"
+            )
+        if masked:
+            requests = mask_requests(
+                prompt, mask, lesion, n, random_masks, seed, ldm.settings.image_size, ldm.settings.fov_mm
             )
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -231,10 +236,18 @@ def generate(
 
 
 def mask_requests(
-    prompt: str | None, mask: Path | None, lesion: str | None, n: int, random_masks: int, seed: int
+    prompt: str | None,
+    mask: Path | None,
+    lesion: str | None,
+    n: int,
+    random_masks: int,
+    seed: int,
+    image_size: int,
+    fov_mm: float,
 ) -> list:
     """Requests that follow a lesion mask: every slice of `mask` (with the prompt's conditions),
-    `n` draws of `lesion`, or `random_masks` random draws, from the public prior (sites/lesion_prior.py).
+    `n` draws of `lesion`, or `random_masks` random draws, from the public prior (sites/lesion_prior.py),
+    on the model's slice grid (`image_size` pixels over `fov_mm`).
 
     The pathology is the lesion's; a prompt that names another one is refused. The slice
     position is the prompt's, or mid-brain (0.55)."""
@@ -251,7 +264,8 @@ def mask_requests(
                 f"--mask {mask}: say in --prompt which lesion it outlines (glioma or MS), e.g. 'FLAIR, 3T, glioma'"
             )
         return [
-            Request(asked, prompt or "", m, f"{mask.name} slice {i}") for i, m in enumerate(read_mask_slices(mask, 64))
+            Request(asked, prompt or "", m, f"{mask.name} slice {i}")
+            for i, m in enumerate(read_mask_slices(mask, image_size))
         ]
     rng = np.random.default_rng(seed)
     if lesion:
@@ -268,7 +282,9 @@ def mask_requests(
         if asked.pathology is not None and asked.pathology is not want.pathology:
             raise ValueError(f"the prompt says {asked.pathology.value} but the lesion is {want.pathology.value}")
         conditions = replace(asked, pathology=want.pathology, slice_position=want.slice_position)
-        requests.append(Request(conditions, describe(conditions), lesion_mask(want, rng), want.describe()))
+        requests.append(
+            Request(conditions, describe(conditions), lesion_mask(want, rng, image_size, fov_mm), want.describe())
+        )
     return requests
 
 
