@@ -8,7 +8,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from common.mask_branch import has_mask_branch
+from common.branches import branches
 from common.model import Denoiser
 from common.protocol import FinetuneMode, parse
 
@@ -59,7 +59,8 @@ def _attention_modules(denoiser: Denoiser) -> list[tuple[str, nn.Module]]:
 
 def configure(denoiser: Denoiser, mode: FinetuneMode, lora_rank: int = 4) -> Denoiser:
     """Freeze everything but the mode's tensors (adding LoRA adapters for `lora`), in place. A UNet
-    with the mask branch also trains its widened conv_in, whatever the mode."""
+    with an input branch (mask, sources: common/branches.py) also trains its widened conv_in,
+    whatever the mode."""
     denoiser.requires_grad_(False)
     denoiser.encoder.requires_grad_(True)
     if mode is FinetuneMode.conditioning:
@@ -81,7 +82,8 @@ def configure(denoiser: Denoiser, mode: FinetuneMode, lora_rank: int = 4) -> Den
                 module.lora_up.requires_grad_(True)
     else:  # pragma: no cover - exhaustive over FinetuneMode
         raise ValueError(mode)
-    if has_mask_branch(denoiser.unet):  # the mask's input weights train in every mode (common/mask_branch.py)
+    has = branches(denoiser.unet)
+    if has.mask or has.sources:  # the branches' input weights train in every mode
         denoiser.unet.conv_in.requires_grad_(True)
     return denoiser
 

@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from common.branches import MASK_CHANNELS, branches, widen_conv_in
 
 if TYPE_CHECKING:  # diffusers stays unloaded for `fedmri --help` (tests/simulation/test_cli.py)
     from diffusers import UNet2DConditionModel
 
 MASK_LABELS = (1, 2, 3)
 NO_MASK = 255  # fills a row whose mask is not given
-MASK_CHANNELS = 1 + len(MASK_LABELS)  # 'given', then one area fraction per label
+assert MASK_CHANNELS == 1 + len(MASK_LABELS)  # 'given', then one area fraction per label
 
 
 def no_masks(batch: int, size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -67,29 +68,13 @@ def mask_channels(masks: torch.Tensor, latent_size: int) -> torch.Tensor:
 
 
 def has_mask_branch(unet: UNet2DConditionModel) -> bool:
-    """Does `unet` take the mask channels (in_channels = latent channels + MASK_CHANNELS)?"""
-    extra = unet.config.in_channels - unet.config.out_channels
-    if extra not in (0, MASK_CHANNELS):
-        raise ValueError(f"UNet takes {unet.config.in_channels} channels for {unet.config.out_channels} latent ones")
-    return extra == MASK_CHANNELS
+    """Does `unet` take the mask channels (common/branches.py)?"""
+    return branches(unet).mask
 
 
 def add_mask_branch(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """Widen `unet.conv_in` by MASK_CHANNELS zero-weighted input channels, in place (its output is unchanged)."""
     if has_mask_branch(unet):
         raise ValueError("this UNet has a mask branch already")
-    old = unet.conv_in
-    assert isinstance(old.padding, tuple)
-    new = nn.Conv2d(
-        old.in_channels + MASK_CHANNELS, old.out_channels, old.kernel_size, padding=old.padding,
-        device=old.weight.device, dtype=old.weight.dtype,
-    )  # fmt: skip
-    with torch.no_grad():
-        new.weight.zero_()
-        new.weight[:, : old.in_channels].copy_(old.weight)
-        assert old.bias is not None and new.bias is not None
-        new.bias.copy_(old.bias)
-    new.requires_grad_(old.weight.requires_grad)
-    unet.conv_in = new
-    unet.register_to_config(in_channels=new.in_channels)
+    widen_conv_in(unet, int(unet.config.out_channels), MASK_CHANNELS)  # right after the latents
     return unet

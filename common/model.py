@@ -11,7 +11,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from common.conditioning import ConditionEncoder
-from common.mask_branch import has_mask_branch, mask_channels, no_masks
+from common.branches import branches
+from common.mask_branch import mask_channels, no_masks
+from common.source_branch import no_sources, source_channels
 
 FEDMRI_JSON = "fedmri.json"  # model-level settings that no diffusers component holds
 
@@ -53,19 +55,30 @@ class Denoiser(nn.Module):
         timesteps: torch.Tensor,
         conditions: torch.Tensor,
         masks: torch.Tensor | None = None,
+        sources: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`masks` [B, H, W] (common/mask_branch.py): only for a UNet with the mask branch, which
-        reads no mask given (NO_MASK) when it is None."""
+        """`masks` [B, H, W] (common/mask_branch.py) and `sources` [B, 5, 4, h, w] (common/source_branch.py)
+        only for a UNet with that branch, which reads 'none given' when they are None."""
         tokens = self.encoder(conditions)  # -> [B, 5, D]
-        if has_mask_branch(self.unet):
-            size = noisy_latents.shape[-1]
+        has = branches(self.unet)
+        batch, channels, size = len(noisy_latents), noisy_latents.shape[1], noisy_latents.shape[-1]
+        parts = [noisy_latents]  # -> [B, 4, h, w]; the layout of common/branches.py
+        if has.mask:
             if masks is None:
-                masks = no_masks(len(noisy_latents), size, noisy_latents.device)
-            extra = mask_channels(masks.to(noisy_latents.device), size).to(noisy_latents.dtype)  # -> [B, 4, h, w]
-            noisy_latents = torch.cat([noisy_latents, extra], dim=1)  # -> [B, 8, h, w]
+                masks = no_masks(batch, size, noisy_latents.device)
+            parts.append(mask_channels(masks.to(noisy_latents.device), size).to(noisy_latents.dtype))  # -> [B, 4, h, w]
         elif masks is not None:
             raise ValueError("this model has no mask branch (common/mask_branch.py): it cannot follow a lesion mask")
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=tokens).sample  # -> [B, 4, h, w]
+        if has.sources:
+            if sources is None:
+                sources = no_sources(batch, channels, size, noisy_latents.device)
+            parts.append(source_channels(sources.to(noisy_latents.device)).to(noisy_latents.dtype))  # -> [B, 25, h, w]
+        elif sources is not None:
+            raise ValueError(
+                "this model has no source branch (common/source_branch.py): it cannot translate from acquired scans"
+            )
+        model_input = torch.cat(parts, dim=1)  # -> [B, 4 (+4) (+25), h, w]
+        return self.unet(model_input, timesteps, encoder_hidden_states=tokens).sample  # -> [B, 4, h, w]
 
 
 @dataclass

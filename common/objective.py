@@ -11,6 +11,7 @@ from torch import nn
 
 from common.conditioning import drop_attributes
 from common.mask_branch import NO_MASK
+from common.source_branch import SOURCE_DROP, drop_sources
 
 
 @torch.no_grad()
@@ -21,6 +22,23 @@ def encode(
     latents = vae.encode(images).latent_dist.sample(generator)  # -> [B, 4, 16, 16]
     # Rombach et al. 2022, §4.3.2 / App. G: rescale latents to unit variance before diffusion.
     return latents * scale_factor
+
+
+@torch.no_grad()
+def encode_sources(
+    vae: AutoencoderKL, images: torch.Tensor, scale_factor: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Source slices [B, 5, 1, H, W] in [-1, 1], NaN where not given (sites/datasets.py) -> scaled
+    latents [B, 5, 4, h, w], NaN where not given (common/source_branch.py). Only given ones are encoded."""
+    flat = images.flatten(0, 1)  # -> [B·5, 1, H, W]
+    given = ~torch.isnan(flat).flatten(1).any(1)  # -> [B·5]
+    size = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.full(
+        (len(flat), vae.config.latent_channels, size, size), float("nan"), device=images.device
+    )  # -> [B·5, 4, h, w]
+    if given.any():
+        latents[given] = encode(vae, flat[given], scale_factor, generator)
+    return latents.unflatten(0, images.shape[:2])  # -> [B, 5, 4, h, w]
 
 
 def drop_masks(masks: torch.Tensor, drop_prob: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -46,9 +64,11 @@ def ldm_loss(
     drop_prob: float = 0.1,
     min_snr_gamma: float | None = None,
     masks: torch.Tensor | None = None,
+    sources: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean denoising loss of a batch of scaled latents [B, 4, h, w] and conditions [B, 7], with
-    lesion masks [B, H, W] for a denoiser with the mask branch (common/mask_branch.py).
+    lesion masks [B, H, W] for a denoiser with the mask branch (common/mask_branch.py) and source
+    latents [B, 5, 4, h, w] for one with the source branch (common/source_branch.py).
 
     `denoiser` is the plain module or its Opacus wrapper: this function reads the same either way.
     """
@@ -63,13 +83,14 @@ def ldm_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)  # -> [B, 4, h, w]
     # Condition: drop attribute groups at random for classifier-free guidance (Ho & Salimans 2022).
     conditions = drop_attributes(conditions, drop_prob, generator)  # -> [B, 7]
-    # Predict, following the mask where one is given; it is dropped like an attribute group, so
-    # the same model still generates without one.
-    if masks is None:
-        prediction = denoiser(noisy, timesteps, conditions)  # -> [B, 4, h, w]
-    else:
-        masks = drop_masks(masks, drop_prob, generator)  # -> [B, H, W]
-        prediction = denoiser(noisy, timesteps, conditions, masks)  # -> [B, 4, h, w]
+    # Predict, following the mask and the subject's other contrasts where given. Both are dropped
+    # like attribute groups (the sources slot by slot), so the same model still generates from noise.
+    extra: dict[str, torch.Tensor] = {}
+    if masks is not None:
+        extra["masks"] = drop_masks(masks, drop_prob, generator)  # -> [B, H, W]
+    if sources is not None:
+        extra["sources"] = drop_sources(sources, SOURCE_DROP, generator)  # -> [B, 5, 4, h, w]
+    prediction = denoiser(noisy, timesteps, conditions, **extra)  # -> [B, 4, h, w]
     # Target: ε (Ho et al. 2020, eq. 14) or v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0 (Salimans & Ho 2022, §4).
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)

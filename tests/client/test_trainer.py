@@ -48,8 +48,8 @@ def test_a_subject_with_many_rows_is_still_clipped_to_c_as_one() -> None:
     clipping each row to C would move the weights by 12·C/B; clipping each subject's mean moves them
     by at most 4·C/B."""
     model = torch.nn.Linear(8, 1, bias=False)
-    # images, and the unused conditions and masks (client/trainer.Batch)
-    data = TensorDataset(torch.ones(4, 3, 8) * 100.0, torch.zeros(4), torch.zeros(4))  # 4 subjects x 3 rows
+    # images, and the unused conditions, masks and sources (client/trainer.Batch)
+    data = TensorDataset(torch.ones(4, 3, 8) * 100.0, torch.zeros(4), torch.zeros(4), torch.zeros(4))  # 4 subjects x 3 rows
 
     def rows_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return module(batch[0].flatten(0, 1)).mean()  # -> mean over [b·3] rows, subject-major
@@ -68,7 +68,7 @@ def test_every_step_adds_noise_of_scale_sigma_c_over_b(sample_rate: float) -> No
     the clipped sum of the bias-free layer is 0, so the move is exactly the noise: its standard
     deviation must be σC/B, whether Poisson drew everybody or (q ≈ 0) nobody."""
     model = torch.nn.Linear(400, 250, bias=False)  # 100,000 weights
-    data = TensorDataset(torch.zeros(5, 400), torch.zeros(5), torch.zeros(5))
+    data = TensorDataset(torch.zeros(5, 400), torch.zeros(5), torch.zeros(5), torch.zeros(5))
     plan = RoundPlan(1, sample_rate, 4, 1.0, noise_multiplier=1.7, max_grad_norm=0.6)
     before = model.weight.detach().clone()
     result = run_dp_steps(model, torch.optim.SGD(model.parameters(), lr=1.0), _squared, data, plan, RoundRandomness())
@@ -96,7 +96,7 @@ def test_the_noise_depends_only_on_the_site_keys_not_on_torch_seeds() -> None:
         torch.manual_seed(torch_seed)  # what a server could reproduce
         model = torch.nn.Linear(20, 10, bias=False)
         torch.nn.init.zeros_(model.weight)
-        data = TensorDataset(torch.zeros(5, 20), torch.zeros(5), torch.zeros(5))
+        data = TensorDataset(torch.zeros(5, 20), torch.zeros(5), torch.zeros(5), torch.zeros(5))
         plan = RoundPlan(2, 0.5, 2, 1.0, noise_multiplier=1.0, max_grad_norm=1.0)
         randomness = RoundRandomness(SecureRandom(bytes(32)), SecureRandom(noise_key), torch_seed)
         run_dp_steps(model, torch.optim.SGD(model.parameters(), lr=1.0), _squared, data, plan, randomness)
@@ -134,7 +134,7 @@ def test_the_loss_reads_the_sites_lesion_masks_only_with_the_mask_branch() -> No
 
     def loss(ldm, masks) -> float:
         return subject_loss(ldm, settings, torch.Generator().manual_seed(0))(
-            ldm.denoiser, (images, conditions, masks)
+            ldm.denoiser, (images, conditions, masks, torch.full((2, 3, 5, 1, 16, 16), float("nan")))
         ).item()
 
     plain = build_ldm(spec, seed=0)

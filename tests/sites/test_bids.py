@@ -98,7 +98,7 @@ def test_subject_dataset_yields_k_slices_of_one_subject_per_item(tiny_sites: Pat
     dataset = SubjectDataset(slices, seed=0, slices_per_subject=k)
     assert len(dataset) == 4
     for subject in range(4):
-        images, conditions, masks = dataset[subject]
+        images, conditions, masks, _sources = dataset[subject]  # sources: tests/sites/test_datasets.py
         assert images.shape == (k, 1, 32, 32) and images.min() >= -1.0 and images.max() <= 1.0
         assert conditions.shape == (k, len(CONDITION_VECTOR)) and masks.shape == (k, 32, 32)
         # Every slice really belongs to this subject: each matches one of the subject's slices,
