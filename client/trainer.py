@@ -39,7 +39,9 @@ from common.run_config import RunConfig
 from sites.bids import SiteSlices
 from sites.datasets import SubjectDataset
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # images, conditions, masks, sources (sites/datasets.py)
+Batch = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]  # images, conditions, masks, sources (sites/datasets.py)
 
 
 @dataclass(frozen=True)
@@ -195,17 +197,23 @@ def subject_loss(
     has = branches(ldm.denoiser.unet)  # common/branches.py
 
     def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        images, conditions, masks, sources = batch  # -> [b, K, 1, 64, 64], [b, K, 7], [b, K, 64, 64], [b, K, 5, 1, 64, 64]
+        images, conditions, masks, sources = (
+            batch  # -> [b, K, 1, 64, 64], [b, K, 7], [b, K, 64, 64], [b, K, 5, 1, 64, 64]
+        )
         images = images.flatten(0, 1).to(device)  # -> [b·K, 1, 64, 64], subject-major
         conditions = conditions.flatten(0, 1).to(device)  # -> [b·K, 7]
         latents = encode(ldm.vae, images, ldm.settings.scale_factor, generator)  # -> [b·K, 4, 16, 16]
         # M draws of (ε, t) per slice: each row below gets its own in ldm_loss.
         latents = latents.repeat_interleave(m, dim=0)  # -> [b·K·M, 4, 16, 16], still subject-major
         conditions = conditions.repeat_interleave(m, dim=0)  # -> [b·K·M, 7]
-        row_masks = masks.flatten(0, 1).to(device).repeat_interleave(m, dim=0) if has.mask else None  # -> [b·K·M, 64, 64]
+        row_masks = (
+            masks.flatten(0, 1).to(device).repeat_interleave(m, dim=0) if has.mask else None
+        )  # -> [b·K·M, 64, 64]
         row_sources = None
         if has.sources:  # the subject's other contrasts at the same position (common/source_branch.py)
-            source_latents = encode_sources(ldm.vae, sources.flatten(0, 1).to(device), ldm.settings.scale_factor, generator)
+            source_latents = encode_sources(
+                ldm.vae, sources.flatten(0, 1).to(device), ldm.settings.scale_factor, generator
+            )
             row_sources = source_latents.repeat_interleave(m, dim=0)  # -> [b·K·M, 5, 4, 16, 16]
         return ldm_loss(
             model, ldm.scheduler, latents, conditions, generator, settings.drop_prob, settings.min_snr_gamma,

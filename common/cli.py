@@ -18,19 +18,25 @@ app = typer.Typer(rich_markup_mode="markdown")
 _PRETRAIN = PretrainConfig()  # the defaults of `fedmri pretrain`
 
 
-def read_slices(yaml_paths: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """All slices of these sites (images [N, H, W], conditions [N, 7]) and a per-site summary."""
+def read_slices(yaml_paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """All slices of these sites (images [N, H, W], conditions [N, 7], the rows of each slice's
+    sources, -1 where none [N, 5]: sites/datasets.source_rows) and a per-site summary."""
     from sites.bids import read_site_data
     from sites.config import load_site
+    from sites.datasets import source_rows
 
-    images, conditions, summary = [], [], {}
+    images, conditions, sources, summary = [], [], [], {}
+    offset = 0
     for path in yaml_paths:
         cfg = load_site(path)
         data = read_site_data(cfg)
         images.append(data.images)
         conditions.append(data.conditions())
+        rows = source_rows(data)
+        sources.append(np.where(rows >= 0, rows + offset, -1))  # pairs stay within a site, and a subject
+        offset += len(data)
         summary[cfg.site_id] = data.summary()
-    return np.concatenate(images), np.concatenate(conditions), summary
+    return np.concatenate(images), np.concatenate(conditions), np.concatenate(sources), summary
 
 
 @app.command(rich_help_panel=MODEL_PANEL)
@@ -55,12 +61,25 @@ def pretrain(
     randomize: Annotated[
         bool, typer.Option(help="Domain randomization of every slice (common/randomize.py), VAE and UNet phases.")
     ] = _PRETRAIN.randomize,
+    start: Annotated[
+        Path | None,
+        typer.Option("--from", help="Continue from this model (its VAE kept; only the UNet phase runs).", exists=True),
+    ] = None,
+    source_branch: Annotated[
+        bool,
+        typer.Option(
+            help="Add the source branch and train it on the public subjects' paired contrasts (docs/translate.md)."
+        ),
+    ] = _PRETRAIN.source_branch,
 ) -> None:
     """Pretrain the base LDM on a scenario's **public** sites: the VAE, then the UNet with EMA.
 
     Writes a diffusers-format directory (`vae/`, `unet/`, `condition_encoder/`, `scheduler/`,
     `fedmri.json`) and `provenance.json` (command, config, seed, data summary, steps, wall time,
     sha256 of every file). The federation later fine-tunes this base under DP.
+
+    With `--from BASE --source-branch`, a base learns to translate: its UNet phase continues on
+    the same public slices, each with its subject's other contrasts as sources.
     """
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -76,7 +95,7 @@ def pretrain(
         raise typer.Exit(2)
     where = device_or_exit(device)
     yaml_paths = make_scenario_sites(public, sites_dir)
-    images, conditions, summary = read_slices(yaml_paths)
+    images, conditions, sources, summary = read_slices(yaml_paths)
     cfg = PretrainConfig(
         vae_steps=vae_steps,
         unet_steps=unet_steps,
@@ -85,6 +104,7 @@ def pretrain(
         prediction_type=prediction_type,
         seed=seed,
         randomize=randomize,
+        source_branch=source_branch,
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -94,7 +114,7 @@ def pretrain(
         console=console,
     ) as bar:
         tasks = {
-            "vae": bar.add_task("VAE ", total=vae_steps, loss=0.0),
+            "vae": bar.add_task("VAE ", total=0 if start else vae_steps, loss=0.0),
             "unet": bar.add_task("UNet", total=unet_steps, loss=0.0),
         }
 
@@ -105,9 +125,9 @@ def pretrain(
                 console.print(f"{phase} step {step}/{total} loss {loss:.4f}")
 
         run_pretrain(
-            slice_table(images, conditions), out, cfg, data_summary=summary,
+            slice_table(images, conditions, sources), out, cfg, data_summary=summary,
             command="fedmri " + shlex.join(sys.argv[1:]), dtype=torch.float16 if fp16 else torch.float32, progress=progress,
-            device=where,
+            device=where, base=start,
         )  # fmt: skip
     console.print(f"base model written to {out} ({len(images)} public slices)")
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # diffusers stays unloaded for `fedmri --help` (tests/simulat
 
 MASK_LABELS = (1, 2, 3)
 NO_MASK = 255  # fills a row whose mask is not given
-assert MASK_CHANNELS == 1 + len(MASK_LABELS)  # 'given', then one area fraction per label
+assert 1 + len(MASK_LABELS) == MASK_CHANNELS  # 'given', then one area fraction per label
 
 
 def no_masks(batch: int, size: int, device: torch.device | None = None) -> torch.Tensor:

@@ -10,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from common.conditioning import ConditionEncoder
 from common.branches import branches
+from common.conditioning import ConditionEncoder
 from common.mask_branch import mask_channels, no_masks
 from common.source_branch import no_sources, source_channels
 

@@ -15,18 +15,22 @@ import torch
 
 from common.atomic import sha256_file
 from common.device import describe
-from common.model import LDM, ModelSpec, build_ldm, save_ldm
+from common.model import LDM, ModelSpec, build_ldm, load_ldm, save_ldm
 from common.objective import EMA, encode, ldm_loss
 from common.pretrain_config import PretrainConfig
 from common.randomize import randomize
+from common.source_branch import add_source_branch, has_source_branch
 
 
 @dataclass(frozen=True)
 class SliceTable:
-    """Public training slices: images [N, 1, H, W] in [-1, 1] and conditions [N, 7]."""
+    """Public training slices: images [N, 1, H, W] in [-1, 1], conditions [N, 7], and for each
+    slice the rows of its subject's other contrasts at its position, -1 where none [N, 5]
+    (sites/datasets.source_rows; used by a model with the source branch)."""
 
     images: torch.Tensor
     conditions: torch.Tensor
+    sources: torch.Tensor | None = None
 
 
 Progress = Callable[[str, int, int, float], None]  # (phase, step, total, loss)
@@ -80,6 +84,16 @@ def _randomized(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return randomize((images.cpu() + 1) / 2, cpu).to(images.device) * 2 - 1
 
 
+def _source_latents(
+    rows: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, scale: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Source rows [B, 5] (-1 = none) -> a posterior sample of each source's scaled latents,
+    NaN where none (common/source_branch.py). -> [B, 5, 4, h, w]"""
+    picked = rows.clamp(min=0)  # -> [B, 5]
+    sample = means[picked] + stds[picked] * torch.randn(means[picked].shape, generator=generator, device=means.device)
+    return torch.where((rows >= 0)[:, :, None, None, None], sample * scale, float("nan"))
+
+
 def train_unet(
     ldm: LDM,
     means: torch.Tensor,
@@ -88,8 +102,18 @@ def train_unet(
     cfg: PretrainConfig,
     progress: Progress | None = None,
     images: torch.Tensor | None = None,
+    sources: torch.Tensor | None = None,
 ) -> int:
-    """Train UNet + condition encoder with EMA; the EMA weights replace the live ones. Returns steps done."""
+    """Train UNet + condition encoder with EMA; the EMA weights replace the live ones. Returns steps done.
+    A UNet with the source branch learns from `sources` (SliceTable.sources), which it then needs."""
+    with_sources = has_source_branch(ldm.denoiser.unet)
+    if with_sources and sources is None:
+        raise ValueError("a UNet with the source branch trains on paired slices: SliceTable.sources is missing")
+    if with_sources and cfg.randomize:
+        raise ValueError(
+            "domain randomization draws each slice's look on its own, which breaks the pairing of a subject's "
+            "contrasts that the source branch learns from: pretrain the source branch without --randomize"
+        )
     generator = torch.Generator(device=ldm.device).manual_seed(cfg.seed + 1)
     denoiser = ldm.denoiser.train()
     ema = EMA(denoiser, cfg.ema_decay)
@@ -105,7 +129,13 @@ def train_unet(
             latents = (
                 means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator, device=ldm.device)
             ) * ldm.settings.scale_factor  # -> [B, 4, 16, 16]
-        loss = ldm_loss(denoiser, ldm.scheduler, latents, conditions[idx], generator, cfg.drop_prob, cfg.min_snr_gamma)
+        source_latents = None
+        if with_sources and sources is not None:  # -> [B, 5, 4, 16, 16], NaN where none
+            source_latents = _source_latents(sources[idx], means, stds, ldm.settings.scale_factor, generator)
+        loss = ldm_loss(
+            denoiser, ldm.scheduler, latents, conditions[idx], generator, cfg.drop_prob, cfg.min_snr_gamma,
+            sources=source_latents,
+        )  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
@@ -130,24 +160,39 @@ def pretrain(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     device: torch.device = torch.device("cpu"),
+    base: Path | None = None,
 ) -> LDM:
-    """Train a base LDM from scratch on `data`, on `device`, and save it with a provenance file."""
+    """Train a base LDM on `data`, on `device`, and save it with a provenance file: from scratch,
+    or, from `base`, its UNet phase only (the VAE and latent scale kept), adding the source
+    branch first when cfg.source_branch asks for it (common/source_branch.py)."""
     start = time.time()
     torch.manual_seed(cfg.seed)
-    ldm = build_ldm(replace(spec, image_size=data.images.shape[-1]), cfg.prediction_type, seed=cfg.seed).to(device)
-    data = SliceTable(data.images.to(device), data.conditions.to(device))
-    train_vae(ldm, data, cfg, progress)
+    sources = None if data.sources is None else data.sources.to(device)
+    data = SliceTable(data.images.to(device), data.conditions.to(device), sources)
+    if base is None:
+        ldm = build_ldm(replace(spec, image_size=data.images.shape[-1]), cfg.prediction_type, seed=cfg.seed).to(device)
+        train_vae(ldm, data, cfg, progress)
+    else:
+        ldm = load_ldm(base).to(device)
+        if ldm.settings.image_size != data.images.shape[-1]:
+            raise ValueError(
+                f"{base}: a {ldm.settings.image_size} px model cannot train on {data.images.shape[-1]} px slices"
+            )
+    if cfg.source_branch and not has_source_branch(ldm.denoiser.unet):
+        add_source_branch(ldm.denoiser.unet)
     means, stds = latent_moments(ldm, data.images)
-    ldm.settings = replace(ldm.settings, scale_factor=scale_factor(means, stds))
-    unet_steps = train_unet(ldm, means, stds, data.conditions, cfg, progress, data.images)
+    if base is None:
+        ldm.settings = replace(ldm.settings, scale_factor=scale_factor(means, stds))
+    unet_steps = train_unet(ldm, means, stds, data.conditions, cfg, progress, data.images, data.sources)
     files = save_ldm(ldm.to(torch.device("cpu")), out, dtype)
     provenance = {
         "command": command or " ".join(sys.argv),
         "config": asdict(cfg),
-        "model_spec": asdict(spec),
+        "model_spec": asdict(spec) if base is None else json.loads((out / "unet" / "config.json").read_text()),
+        "base": None if base is None else _base_record(Path(base)),
         "seed": cfg.seed,
         "data": data_summary or {"slices": len(data.images)},
-        "steps": {"vae": cfg.vae_steps, "unet": unet_steps},
+        "steps": {"vae": 0 if base is not None else cfg.vae_steps, "unet": unet_steps},
         "scale_factor": ldm.settings.scale_factor,
         "dtype": str(dtype).removeprefix("torch."),
         "wall_time_s": round(time.time() - start, 1),
@@ -164,9 +209,16 @@ def pretrain(
     return ldm
 
 
-def slice_table(images: np.ndarray, conditions: np.ndarray) -> SliceTable:
-    """float16 [N, H, W] in [0, 1] and [N, 7] -> SliceTable in [-1, 1]."""
+def _base_record(base: Path) -> dict:
+    """What a continued model started from: its path and the sha256 of its files."""
+    files = sorted(p for p in base.rglob("*") if p.is_file() and p.name != "provenance.json")
+    return {"path": str(base), "files": {str(p.relative_to(base)): sha256_file(p) for p in files}}
+
+
+def slice_table(images: np.ndarray, conditions: np.ndarray, sources: np.ndarray | None = None) -> SliceTable:
+    """float16 [N, H, W] in [0, 1], [N, 7] and source rows [N, 5] -> SliceTable in [-1, 1]."""
     return SliceTable(
         torch.from_numpy(images.astype(np.float32)).unsqueeze(1) * 2.0 - 1.0,
         torch.from_numpy(conditions.astype(np.float32)),
+        None if sources is None else torch.from_numpy(sources.astype(np.int64)),
     )

@@ -22,3 +22,6 @@ class PretrainConfig:
     # Domain randomization (common/randomize.py) of every training slice, VAE and UNet phases; the
     # UNet then encodes each randomized batch instead of reusing precomputed latent moments.
     randomize: bool = False
+    # Add the source branch (common/source_branch.py) and train it on the public sites' paired
+    # contrasts: a subject's other contrasts at the same slice position.
+    source_branch: bool = False

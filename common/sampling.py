@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from common.conditioning import unconditional
 from common.mask_branch import no_masks
 from common.model import LDM
+from common.source_branch import no_sources
 
 SAMPLERS = ("dpm++", "ddpm")
 
@@ -36,12 +37,15 @@ def sample(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     masks: torch.Tensor | None = None,
+    sources: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one image per row of `conditions` [N, 7], following `masks` [N, H, W] (lesion
-    labels, common/mask_branch.py) when given. Returns [N, 1, H, W] in [0, 1].
+    labels, common/mask_branch.py) and `sources` [N, 5, 4, h, w] (a subject's other contrasts,
+    scaled latents, NaN where not given: common/source_branch.py) when given. Returns [N, 1, H, W]
+    in [0, 1].
 
-    Guided prediction: ε̂ = ε(∅) + w (ε(c) − ε(∅)) (Ho & Salimans 2022, eq. 6). The mask belongs
-    to c: ∅ has neither attributes nor mask, so guidance strengthens both. The same seed gives
+    Guided prediction: ε̂ = ε(∅) + w (ε(c) − ε(∅)) (Ho & Salimans 2022, eq. 6). The mask and the
+    sources belong to c: ∅ has no attributes, mask or sources, so guidance strengthens them all. The same seed gives
     the same images on the same device. Runs where the model is; the images come back on the CPU.
     """
     device = next(ldm.denoiser.parameters()).device
@@ -61,13 +65,16 @@ def sample(
         )
         latents = noise[start : start + batch_size] * scheduler.init_noise_sigma
         both = torch.cat([unconditional(len(cond), device), cond])  # -> [2b, 7]
-        extra: tuple[torch.Tensor, ...] = ()
+        extra: dict[str, torch.Tensor] = {}
         if masks is not None:
             given = masks[start : start + batch_size].to(device)  # -> [b, H, W]
-            extra = (torch.cat([no_masks(len(given), given.shape[-1], device), given]),)  # -> [2b, H, W]
+            extra["masks"] = torch.cat([no_masks(len(given), given.shape[-1], device), given])  # -> [2b, H, W]
+        if sources is not None:
+            chosen = sources[start : start + batch_size].to(device)  # -> [b, 5, 4, h, w]
+            extra["sources"] = torch.cat([no_sources(len(chosen), channels, size, device), chosen])  # -> [2b, ...]
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            prediction = ldm.denoiser(model_input, t.expand(len(both)), both, *extra)  # -> [2b, 4, 16, 16]
+            prediction = ldm.denoiser(model_input, t.expand(len(both)), both, **extra)  # -> [2b, 4, 16, 16]
             uncond, cond_pred = prediction.chunk(2)
             guided = uncond + guidance_scale * (cond_pred - uncond)
             latents = scheduler.step(guided, t, latents, generator=generator).prev_sample

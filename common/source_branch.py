@@ -51,7 +51,7 @@ def given_slots(sources: torch.Tensor) -> torch.Tensor:
 def source_channels(sources: torch.Tensor) -> torch.Tensor:
     """[B, 5, c, h, w] source latents (NaN = not given) -> [B, 5·(1 + c), h, w]: per slot, 'given' then latents."""
     given = given_slots(sources)  # -> [B, 5]
-    b, slots, c, h, w = sources.shape
+    b, slots, _c, h, w = sources.shape
     flag = given[:, :, None, None, None].to(sources.dtype).expand(b, slots, 1, h, w)  # -> [B, 5, 1, h, w]
     latents = torch.nan_to_num(sources, nan=0.0)  # -> [B, 5, c, h, w]
     return torch.cat([flag, latents], dim=2).flatten(1, 2)  # -> [B, 5·(1 + c), h, w]

@@ -12,7 +12,7 @@ import typer
 
 from client import cli as client_cli
 from common import cli as model_cli
-from common import cli_evaluator
+from common import cli_evaluator, cli_translate
 from common.cli_helpers import (
     DEVICE_HELP,
     FEDERATION_PANEL,
@@ -297,7 +297,15 @@ def demo(
 
 # `fedmri --help` shows the panels in the order of these parts.
 app.add_typer(sites_app, name="sites", rich_help_panel=SITES_PANEL)
-for part in (model_cli.app, cli_evaluator.app, federation, server_cli.app, client_cli.app, cli_evaluate.app):
+for part in (
+    model_cli.app,
+    cli_translate.app,
+    cli_evaluator.app,
+    federation,
+    server_cli.app,
+    client_cli.app,
+    cli_evaluate.app,
+):
     app.add_typer(part)
 
 

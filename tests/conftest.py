@@ -75,6 +75,23 @@ def masked_base(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+@pytest.fixture(scope="session")
+def source_base(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base with a source branch whose weights are not zero, so sources change the images."""
+    import torch
+
+    from common.model import load_ldm, save_ldm
+    from common.source_branch import add_source_branch
+
+    ldm = load_ldm(tiny_base)
+    add_source_branch(ldm.denoiser.unet)
+    with torch.no_grad():
+        ldm.denoiser.unet.conv_in.weight[:, 4:].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("source-base")
+    save_ldm(ldm, out)
+    return out
+
+
 @pytest.fixture
 def private_sites(tiny_sites: Path, tmp_path: Path) -> Path:
     """Copies of tiny-a and tiny-b with their own site homes: fresh ledgers, keys and markers."""

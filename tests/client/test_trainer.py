@@ -49,7 +49,9 @@ def test_a_subject_with_many_rows_is_still_clipped_to_c_as_one() -> None:
     by at most 4·C/B."""
     model = torch.nn.Linear(8, 1, bias=False)
     # images, and the unused conditions, masks and sources (client/trainer.Batch)
-    data = TensorDataset(torch.ones(4, 3, 8) * 100.0, torch.zeros(4), torch.zeros(4), torch.zeros(4))  # 4 subjects x 3 rows
+    data = TensorDataset(
+        torch.ones(4, 3, 8) * 100.0, torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    )  # 4 subjects x 3 rows
 
     def rows_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return module(batch[0].flatten(0, 1)).mean()  # -> mean over [b·3] rows, subject-major

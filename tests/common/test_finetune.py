@@ -94,7 +94,9 @@ def test_per_subject_gradients_equal_autograd(mode: FinetuneMode, rows_per_subje
         reference.zero_grad()
         row_masks = None if masks is None else masks[rows]
         row_sources = None if sources is None else sources[rows]
-        _loss(reference, latents[rows], timesteps[rows], conditions[rows], target[rows], row_masks, row_sources).backward()
+        _loss(
+            reference, latents[rows], timesteps[rows], conditions[rows], target[rows], row_masks, row_sources
+        ).backward()
         per_subject.append({n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad})
     # Assert: every trainable tensor has a per-subject gradient equal to autograd's.
     assert opacus_grads, "no trainable parameters"

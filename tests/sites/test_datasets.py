@@ -67,6 +67,6 @@ def test_items_carry_the_source_images_and_nan_where_none(tiny_a) -> None:
         else:
             expected = torch.from_numpy(tiny_a.images[row].astype(np.float32)) * 2 - 1
             assert torch.equal(sources[slot, 0], expected) and not torch.equal(sources[slot, 0], image[0])
-    images, _, _, subject_sources = SubjectDataset(tiny_a, seed=0, slices_per_subject=3)[2]
+    _images, _, _, subject_sources = SubjectDataset(tiny_a, seed=0, slices_per_subject=3)[2]
     assert subject_sources.shape == (3, 5, 1, 32, 32)
     assert (~torch.isnan(subject_sources).flatten(2).all(2)).sum(1).tolist() == [3, 3, 3]
