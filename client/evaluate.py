@@ -12,7 +12,8 @@ vectors: field strength, TR, TE, TI, slice position) and compares them with thos
 - memorized: the fraction of generated samples nearer a training slice than τ (common.metrics).
 
 Then, once per site, downstream utility: a few-shot contrast classifier with k real training
-slices per modality, with and without the generated ones, scored on every held-out slice.
+slices per modality, with and without the generated ones, scored on every held-out slice; and,
+for a model with the source branch, missing-sequence synthesis (client/evaluate_translation.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.evaluate_translation import TRANSLATE_KEYS, translation_metrics
 from common.conditions import Modality, Pathology
 from common.evaluator import HEADS, Evaluator, field_class
 from common.metrics import (
@@ -37,6 +39,7 @@ from common.metrics import (
 from common.model import LDM
 from common.protocol import EvalRequest, Status
 from common.sampling import sample
+from common.source_branch import has_source_branch
 from sites.bids import OTHER, SiteSlices
 
 # The only per-condition figures that leave a site; each is an aggregate over >= min_subjects people.
@@ -124,6 +127,8 @@ def evaluate_site(
             "raise data.holdout_fraction or lower privacy.min_eval_subjects"
         )
     out.update(_utility(training, heldout, generated_by_modality, settings))
+    if has_source_branch(ldm.denoiser.unet):  # missing-sequence synthesis (client/evaluate_translation.py)
+        out.update(translation_metrics(ldm, heldout, settings))
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -170,6 +175,7 @@ def check_keys(metrics: dict[str, float]) -> None:
             key in UTILITY_KEYS
             or (len(parts) == 3 and parts[2] in CONDITION_KEYS)
             or (len(parts) == 4 and parts[0] == "held")
+            or (len(parts) == 4 and parts[0] == "translate" and parts[3] in TRANSLATE_KEYS)
         )
         if not ok:
             raise ValueError(f"evaluation metric {key!r} is not on the whitelist")

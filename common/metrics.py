@@ -12,6 +12,9 @@ downloads weights. (The feature network and condition classifiers are a separate
   training slices, against τ = the 5th percentile of held-out slices' own nearest-neighbour
   distances to the training slices. A sample closer than τ is flagged: it sits nearer to a
   training slice than 95 % of real, never-trained-on slices do.
+- PSNR of each pair, data range 1: 10 log10(1 / MSE), over the whole slice like SSIM. The copy
+  baseline of missing-sequence synthesis maps a source slice onto the real target's intensity
+  histogram (quantile matching, within the head): a monotone map, so it cannot invert a contrast.
 """
 
 from __future__ import annotations
@@ -83,6 +86,27 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         value = value * term.clamp(min=1e-6) ** weight
         ta, tb = F.avg_pool2d(ta, 2), F.avg_pool2d(tb, 2)
     return value.numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """PSNR (dB, data range 1) of each pair (a[i], b[i]); images [N, H, W] in [0, 1]."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean((1, 2))
+    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
+
+
+def match_intensities(source: np.ndarray, target: np.ndarray, head: float = 0.05) -> np.ndarray:
+    """Each source slice mapped onto its target slice's intensity histogram, within the head (both
+    above `head`): the source's k-th quantile there becomes the target's; background stays 0.
+    images [N, H, W] in [0, 1] -> [N, H, W]"""
+    out = np.zeros_like(source, dtype=np.float32)
+    levels = np.linspace(0, 1, 101)
+    for i, (s, t) in enumerate(zip(source, target, strict=True)):
+        inside = s > head
+        if not inside.any() or not (t > head).any():
+            continue
+        ranks = np.interp(s[inside], np.quantile(s[inside], levels), levels)  # -> quantile of each source pixel
+        out[i][inside] = np.quantile(t[t > head], ranks)
+    return out
 
 
 def pairwise_ms_ssim(images: np.ndarray, pairs: int = 64, seed: int = 0) -> float:

@@ -393,6 +393,11 @@ class EvalRequest:
         return cls(**values)  # type: ignore[arg-type]
 
 
+# A site's missing-sequence synthesis figures, per (sources, target): "translate/<sources>/<target>/<key>"
+# (client/evaluate_translation.py).
+TRANSLATE_KEYS = ("n_slices", "n_subjects", "psnr", "ssim", "psnr_copy", "ssim_copy")
+
+
 @dataclass(frozen=True)
 class EvalReply:
     """A site's evaluation: aggregates over its held-out subjects only (client/evaluate.py)."""

@@ -79,6 +79,29 @@ def source_latents(ldm: LDM, images: np.ndarray, modalities: list[Modality], bat
     return latents
 
 
+def translate_batch(
+    ldm: LDM,
+    images: np.ndarray,
+    modalities: list[Modality],
+    conditions: torch.Tensor,
+    steps: int = 25,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Target slices for source slices images [n_scans, N, H, W] in [0, 1] (scan n of contrast
+    modalities[n]) and target condition vectors [N, 7]. -> [N, H, W] in [0, 1]"""
+    if images.shape[-1] != ldm.settings.image_size:
+        raise ValueError(f"slices are {images.shape[-1]} px; the model works at {ldm.settings.image_size} px")
+    sources = source_latents(ldm, images, modalities)  # -> [N, 5, 4, h, w]
+    generated = sample(
+        ldm, conditions, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+        progress=progress, sources=sources,
+    )  # fmt: skip
+    return generated[:, 0].numpy()  # -> [N, H, W]
+
+
 def translate_slices(
     ldm: LDM,
     images: np.ndarray,
@@ -94,16 +117,9 @@ def translate_slices(
     """The target contrast of every slice of a subject's stack: images [n, S, H, W] in [0, 1] of
     contrasts `modalities`, slice positions [S] (NaN = unknown). -> [S, H, W] in [0, 1]"""
     check_sources(ldm, modalities, target)
-    if images.shape[-1] != ldm.settings.image_size:
-        raise ValueError(f"slices are {images.shape[-1]} px; the model works at {ldm.settings.image_size} px")
-    sources = source_latents(ldm, images, modalities)  # -> [S, 5, 4, h, w]
     rows = [target.conditions(None if math.isnan(p) else float(p)) for p in positions]
     conditions = torch.stack([conditions_to_vector(c) for c in rows])  # -> [S, 7]
-    generated = sample(
-        ldm, conditions, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
-        progress=progress, sources=sources,
-    )  # fmt: skip
-    return generated[:, 0].numpy()  # -> [S, H, W]
+    return translate_batch(ldm, images, modalities, conditions, steps, guidance_scale, seed, batch_size, progress)
 
 
 def sidecar(target: Target, inputs: list[tuple[Path, Modality]], model: Path, settings: dict) -> dict:

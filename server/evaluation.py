@@ -25,7 +25,7 @@ from common.evaluator import FIELD_CLASSES, HEADS, Evaluator
 from common.metrics import adherence
 from common.model import LDM
 from common.prompts import conditions_to_vector
-from common.protocol import EvalReply, EvalRequest
+from common.protocol import TRANSLATE_KEYS, EvalReply, EvalRequest
 from common.run_config import RunConfig
 from common.sampling import sample
 from common.segmenter import Segmenter, dice
@@ -99,6 +99,21 @@ def utility_rows(results: dict[str, dict[str, float]]) -> list[dict]:
         for site_id, m in sorted(results.items())
         if "utility_real_only" in m
     ]
+
+
+def translation_rows(results: dict[str, dict[str, float]]) -> list[dict]:
+    """One row per (site, sources, target) from the "translate/<sources>/<target>/<key>" metrics
+    (client/evaluate_translation.py), with the gain over the copy baseline."""
+    rows = []
+    for site_id, metrics in sorted(results.items()):
+        pairs = sorted({tuple(k.split("/")[1:3]) for k in metrics if k.startswith("translate/")})
+        for sources, target in pairs:
+            value = {key: metrics[f"translate/{sources}/{target}/{key}"] for key in TRANSLATE_KEYS}
+            rows.append({
+                "site": site_id, "sources": sources, "target": target, **value,
+                "psnr_gain_db": value["psnr"] - value["psnr_copy"], "ssim_gain": value["ssim"] - value["ssim_copy"],
+            })  # fmt: skip
+    return rows
 
 
 def held_combinations(results: dict[str, dict[str, float]]) -> dict[tuple[str, str, int], list[str]]:
@@ -307,6 +322,7 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
     mask_rows = (
         mask_adherence_rows(ldm, load_segmenter(), run.eval_grid_samples, run.eval_steps, run.seed) if masked else []
     )
+    translated = translation_rows(sites)
     out = Path(run.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [
@@ -315,6 +331,7 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         *write_table(utility_rows(sites), out / "evaluation_utility"),
         plot_report(site_rows(sites), grid_rows, utility_rows(sites), out / "evaluation.png"),
         *(write_table(mask_rows, out / "evaluation_masks") if mask_rows else ()),
+        *(write_table(translated, out / "evaluation_translation") if translated else ()),
     ]
     summary = {
         "model": str(model),
@@ -327,6 +344,14 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         }
         if mask_rows
         else "the model has no mask branch",
+        "translation": {
+            f"{r['site']}: {r['sources']} -> {r['target']}": {
+                k: r[k] for k in ("ssim", "psnr", "ssim_copy", "psnr_copy", "psnr_gain_db")
+            }
+            for r in translated
+        }
+        if translated
+        else "the model has no source branch",
         "request": {k: v for k, v in asdict(request).items() if k != "model_configs"},
         "wall_s": round(time.time() - start, 1),
     }
