@@ -16,6 +16,8 @@ Only these aggregates leave, each over at least `min_subjects` held-out subjects
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import torch
 
@@ -46,8 +48,11 @@ def _spread(rows: np.ndarray, subjects: np.ndarray, n: int, rng: np.random.Gener
     return np.array(order[:n], dtype=np.int64)
 
 
-def translation_metrics(ldm: LDM, heldout: SiteSlices, settings: EvalRequest) -> dict[str, float]:
-    """{"translate/<source+source>/<target>/<key>": value} over the held-out subjects."""
+def translation_metrics(
+    ldm: LDM, heldout: SiteSlices, settings: EvalRequest, skip: Collection[tuple[str, str]] = ()
+) -> dict[str, float]:
+    """{"translate/<source+source>/<target>/<key>": value} over the held-out subjects, for every
+    (sources, target) pair they allow except those named in `skip` ("T1w+T2w", "FLAIR")."""
     rows = source_rows(heldout)  # -> [N, 5]
     rng = np.random.default_rng(settings.seed + 16)
     present = {list(Modality)[m] for m in np.unique(heldout.modality)}
@@ -56,6 +61,8 @@ def translation_metrics(ldm: LDM, heldout: SiteSlices, settings: EvalRequest) ->
         if target not in present:
             continue
         for sources in source_sets(present, target):
+            if ("+".join(m.value for m in sources), target.value) in skip:
+                continue
             slots = [s.ordinal for s in sources]
             candidates = np.nonzero((heldout.modality == target.ordinal) & (rows[:, slots] >= 0).all(1))[0]
             chosen = _spread(candidates, heldout.subject[candidates], settings.samples_per_condition, rng)

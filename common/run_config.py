@@ -56,6 +56,9 @@ class RunConfig:
     eval_steps: int = 20  # DPM-Solver++ steps
     eval_grid_samples: int = 8  # generated slices per grid combination (server, public evaluator)
     eval_min_subjects: int = 2  # conditions with fewer held-out subjects are not reported
+    # comma-separated YAMLs of public reference sites on which the server scores the translation
+    # pairs no site holds (a model with the source branch only); "" = not scored
+    eval_public_sites: str = ""
 
     def __post_init__(self) -> None:
         for name, kind in ENUMS.items():

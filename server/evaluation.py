@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.conditions import Conditions, Modality, Pathology
-from common.evaluator import FIELD_CLASSES, HEADS, Evaluator
+from common.evaluator import FIELD_CLASSES, HEADS, Evaluator, field_class
 from common.metrics import adherence
 from common.model import LDM
 from common.prompts import conditions_to_vector
@@ -29,6 +29,7 @@ from common.protocol import TRANSLATE_KEYS, EvalReply, EvalRequest
 from common.run_config import RunConfig
 from common.sampling import sample
 from common.segmenter import Segmenter, dice
+from sites.bids import SiteSlices
 
 log = logging.getLogger("fedmri.server")
 
@@ -113,6 +114,46 @@ def translation_rows(results: dict[str, dict[str, float]]) -> list[dict]:
                 "site": site_id, "sources": sources, "target": target, **value,
                 "psnr_gain_db": value["psnr"] - value["psnr_copy"], "ssim_gain": value["ssim"] - value["ssim_copy"],
             })  # fmt: skip
+    return rows
+
+
+def field_of(slices: SiteSlices) -> int:
+    """The field class (common/evaluator.field_class) of a single-field site."""
+    classes = np.unique(field_class(slices.field_strength[np.isfinite(slices.field_strength)]))
+    if len(classes) != 1:
+        raise ValueError(f"a reference site for translation holds one field strength, got classes {classes.tolist()}")
+    return int(classes[0])
+
+
+def unseen_translation_rows(
+    ldm: LDM, public_sites: list[str], sites: dict[str, dict[str, float]], request: EvalRequest
+) -> list[dict]:
+    """Translation pairs that no site holds, scored by the server on public reference sites.
+
+    A site holds (sources, target) at a field class when it reported that pair from its held-out
+    subjects and trained on the target contrast at that field ("held/..." flags). The server
+    reads each public site's held-out subjects (its YAML's holdout_fraction) and scores every
+    other pair they allow, as a site would (client/evaluate_translation.py)."""
+    from client.evaluate_translation import translation_metrics
+    from sites.bids import read_site_data, split_subjects
+    from sites.config import load_site
+
+    held = held_combinations(sites)
+    rows = []
+    for path in public_sites:
+        site = load_site(Path(path))
+        _, heldout = split_subjects(read_site_data(site), site.site_id, site.data.holdout_fraction)
+        field = field_of(heldout)
+        skip = {
+            (sources, target)
+            for site_id, metrics in sites.items()
+            for sources, target in {tuple(k.split("/")[1:3]) for k in metrics if k.startswith("translate/")}
+            if any(site_id in ids for (m, _, f), ids in held.items() if m == target and f == field)
+        }
+        metrics = translation_metrics(ldm, heldout, request, skip=skip)
+        for row in translation_rows({site.site_id: metrics}):
+            rows.append({**row, "field": FIELD_CLASSES[field], "held_by": "none (unseen)"})
+        log.info("translation: %d pairs no site holds scored on %s", len(metrics) // len(TRANSLATE_KEYS), site.site_id)
     return rows
 
 
@@ -323,6 +364,11 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         mask_adherence_rows(ldm, load_segmenter(), run.eval_grid_samples, run.eval_steps, run.seed) if masked else []
     )
     translated = translation_rows(sites)
+    unseen_pairs = (
+        unseen_translation_rows(ldm, run.eval_public_sites.split(","), sites, request)
+        if translated and run.eval_public_sites
+        else []
+    )
     out = Path(run.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [
@@ -332,6 +378,7 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         plot_report(site_rows(sites), grid_rows, utility_rows(sites), out / "evaluation.png"),
         *(write_table(mask_rows, out / "evaluation_masks") if mask_rows else ()),
         *(write_table(translated, out / "evaluation_translation") if translated else ()),
+        *(write_table(unseen_pairs, out / "evaluation_translation_unseen") if unseen_pairs else ()),
     ]
     summary = {
         "model": str(model),
@@ -352,6 +399,14 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         }
         if translated
         else "the model has no source branch",
+        "translation_unseen": {
+            f"{r['site']} ({r['field']}): {r['sources']} -> {r['target']}": {
+                k: r[k] for k in ("ssim", "psnr", "ssim_copy", "psnr_copy", "psnr_gain_db")
+            }
+            for r in unseen_pairs
+        }
+        if unseen_pairs
+        else "not scored (no source branch, or no eval-public-sites)",
         "request": {k: v for k, v in asdict(request).items() if k != "model_configs"},
         "wall_s": round(time.time() - start, 1),
     }

@@ -18,7 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.mask_branch import has_mask_branch
+from common.branches import branches
 from common.model import load_ldm, save_ldm
 from common.privacy import Segment, epsilon
 from common.protocol import SPENDING, RunRecord, Status
@@ -132,6 +132,7 @@ def model_card(
     descriptions: dict[str, str],
     reported: dict[str, SiteRecord],
     mask_branch: bool = False,
+    source_branch: bool = False,
 ) -> str:
     rounds = records[-1].round
     lines = [
@@ -165,6 +166,16 @@ def model_card(
             "an MS plaque): its UNet takes 4 mask channels beside the latents (common/mask_branch.py), trained "
             "with the sites' lesion masks under the same patient-level DP-SGD, ledger and account as every "
             "other tensor. No mask left any site.",
+        ]
+    if source_branch:
+        lines += [
+            "",
+            "**Source branch (missing-sequence synthesis).** The model also generates a contrast a subject lacks "
+            "from the subject's acquired contrasts (`fedmri translate`): its UNet takes one source slot per "
+            "modality beside the latents (common/source_branch.py). The branch came with the base (its "
+            "provenance.json says what public data it learnt from) and was fine-tuned at the sites on their "
+            "subjects' paired contrasts, within each subject, under the same patient-level DP-SGD, ledger and "
+            "account as every other tensor. No scan left any site.",
         ]
     lines += [
         "",
@@ -289,8 +300,9 @@ def build_release(run_dir: Path, out: Path, key_path: Path | None = None) -> tup
 
     ldm = load_ldm(model_dir)
     save_ldm(ldm, out)
+    has = branches(ldm.denoiser.unet)
     card = model_card(accounts, records, client_level, base_model, _site_descriptions(run_config), reported,
-                      has_mask_branch(ldm.denoiser.unet))  # fmt: skip
+                      has.mask, has.sources)  # fmt: skip
     (out / "README.md").write_text(card)
     manifest = write_manifest(out, accounts, client_level, base_model, parent_reference(base_dir), key)
     return out, manifest

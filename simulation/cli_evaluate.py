@@ -48,6 +48,13 @@ def evaluate(
     device: Annotated[
         str, typer.Option(help=f"Where each site generates: {DEVICE_HELP} Default: each site YAML's `device:`.")
     ] = _DEFAULTS.device,
+    public_sites: Annotated[
+        Path | None,
+        typer.Option(
+            help="For a model with the source branch: also score the translation pairs no site holds, on the public "
+            "reference sites under this folder (made there if missing; e.g. runs/sites)."
+        ),
+    ] = None,
 ) -> None:
     """Federated evaluation of a release: each site scores it on its **held-out** subjects.
 
@@ -57,8 +64,11 @@ def evaluate(
     adherence (modality, pathology, field strength; also on real slices, the ceiling), the
     memorization audit (its closest-pairs PNGs stay at the site, in .fedmri-eval/) and few-shot
     downstream utility. The server adds adherence over every modality x pathology x field
-    combination, marking those no site holds. Writes evaluation_*.csv/.md, evaluation.png and
-    evaluation.json to --out.
+    combination, marking those no site holds. For a model with the source branch, each site also
+    scores missing-sequence synthesis (PSNR, SSIM and a copy baseline per source set and target;
+    evaluation_translation.*), and with --public-sites the server scores the pairs no site holds on
+    public reference sites (evaluation_translation_unseen.*). Writes evaluation_*.csv/.md,
+    evaluation.png and evaluation.json to --out.
     """
     import json
     import time
@@ -78,10 +88,12 @@ def evaluate(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     yaml_paths = make_scenario_sites(hospitals, sites_dir)
+    public = make_scenario_sites(scenarios.reference_sites(), public_sites) if public_sites else []
     run = RunConfig(
         task="evaluate", eval_model=str(model.resolve()), eval_samples=samples, eval_grid_samples=grid_samples,
         eval_steps=steps, eval_min_subjects=min_subjects, seed=seed, run_dir=str(out.resolve()),
         min_train_nodes=len(yaml_paths), sites=",".join(str(p.resolve()) for p in yaml_paths), device=device,
+        eval_public_sites=",".join(str(p.resolve()) for p in public),
     )  # fmt: skip
     (out / "evaluation.json").unlink(missing_ok=True)
     console.print(f"evaluating {model} at {len(yaml_paths)} sites ({scenario}) -> {out}")
@@ -103,6 +115,9 @@ def evaluate(
             table.add_row(part, *(f"{adherence[f'{part}_{h}']:.0%}" for h in ("modality", "pathology", "field")))
     console.print(table)
     console.print((out / "evaluation_utility.md").read_text())
+    for name in ("evaluation_translation", "evaluation_translation_unseen"):
+        if (out / f"{name}.md").exists():
+            console.print(f"{name}.md:\n" + (out / f"{name}.md").read_text())
     console.print(
         f"done in {time.perf_counter() - start:.0f} s: {out}/evaluation_sites.csv/.md, evaluation_adherence.csv/.md, "
         f"evaluation_utility.csv/.md, evaluation.png; closest-pair PNGs stay with each site in .fedmri-eval/"

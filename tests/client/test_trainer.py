@@ -145,3 +145,34 @@ def test_the_loss_reads_the_sites_lesion_masks_only_with_the_mask_branch() -> No
     add_mask_branch(widened.denoiser.unet)
     torch.nn.init.normal_(widened.denoiser.unet.conv_in.weight, std=0.1, generator=torch.Generator().manual_seed(0))
     assert loss(widened, lesion) != loss(widened, unknown)
+
+
+def test_the_loss_reads_each_slices_sources_only_with_the_source_branch() -> None:
+    """subject_loss hands each row its slice's sources (encoded) when the model has the source
+    branch: the same draws with other sources give another loss. Without the branch they are not read."""
+    from client.trainer import TrainSettings, subject_loss
+    from common.model import ModelSpec, build_ldm
+    from common.source_branch import add_source_branch
+
+    spec = ModelSpec(image_size=16, vae_channels=(8, 8, 8), unet_channels=(16, 32), condition_dim=16,
+                     attention_head_dim=8, norm_groups=8)  # fmt: skip
+    images = torch.rand(2, 3, 1, 16, 16) * 2 - 1  # -> [b, K, 1, 16, 16]
+    conditions = torch.full((2, 3, 7), float("nan"))
+    masks = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    sources = torch.full((2, 3, 5, 1, 16, 16), float("nan"))
+    sources[:, :, 2] = torch.rand(2, 3, 1, 16, 16) * 2 - 1  # a T2w at every slice
+    other = sources.clone()
+    other[:, :, 2] = torch.rand(2, 3, 1, 16, 16) * 2 - 1
+    settings = TrainSettings(drop_prob=0.0, slices_per_subject=3, noise_draws=2)
+
+    def loss(ldm, given) -> float:
+        return subject_loss(ldm, settings, torch.Generator().manual_seed(0))(
+            ldm.denoiser, (images, conditions, masks, given)
+        ).item()
+
+    plain = build_ldm(spec, seed=0)
+    assert loss(plain, sources) == loss(plain, other)
+    widened = build_ldm(spec, seed=0)
+    add_source_branch(widened.denoiser.unet)
+    torch.nn.init.normal_(widened.denoiser.unet.conv_in.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    assert loss(widened, sources) != loss(widened, other)

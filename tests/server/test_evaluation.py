@@ -39,3 +39,24 @@ def test_translation_rows_tabulate_each_sites_pairs_with_the_gain_over_the_copy(
     ]
     assert rows[1]["psnr_gain_db"] == 3.5 and math.isclose(rows[1]["ssim_gain"], 0.1)
     assert translation_rows({"hospital-c": {"T1w/healthy/fd": 1.0}}) == []
+
+
+def test_pairs_no_site_holds_are_scored_on_public_sites_and_held_ones_are_not(
+    tiny_sites: Path, source_base: Path
+) -> None:
+    """tiny-public (1.5 T: T1w, T2w, FLAIR, PDw). A site that reported T1w+T2w -> FLAIR and trained
+    on FLAIR at 1.5 T holds that pair there, so the server scores every other pair, not that one;
+    a site at 3 T holds nothing at 1.5 T."""
+    from common.protocol import EvalRequest
+    from server.evaluation import unseen_translation_rows
+
+    reported = {"translate/T1w+T2w/FLAIR/ssim": 0.5, "held/FLAIR/healthy/1": 1.0}
+    request = EvalRequest(samples_per_condition=2, steps=1, min_subjects=1)
+    ldm = load_ldm(source_base)
+    rows = unseen_translation_rows(ldm, [str(tiny_sites / "tiny-public.yaml")], {"site-15t": reported}, request)
+    pairs = {(r["sources"], r["target"]) for r in rows}
+    assert ("T1w+T2w", "FLAIR") not in pairs and len(pairs) == 4 * 3  # every single-source pair of 4 contrasts
+    assert {r["held_by"] for r in rows} == {"none (unseen)"} and {r["field"] for r in rows} == {1.5}
+    elsewhere = {"translate/T1w+T2w/FLAIR/ssim": 0.5, "held/FLAIR/healthy/2": 1.0}  # the same pair, at 3 T
+    rows = unseen_translation_rows(ldm, [str(tiny_sites / "tiny-public.yaml")], {"site-3t": elsewhere}, request)
+    assert ("T1w+T2w", "FLAIR") in {(r["sources"], r["target"]) for r in rows}

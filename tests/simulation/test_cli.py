@@ -69,6 +69,7 @@ FROM_CONFIG: dict[str, tuple[type, dict[str, str]]] = {
     "pretrain": (PretrainConfig, {
         "vae_steps": "vae_steps", "unet_steps": "unet_steps", "batch_size": "batch_size",
         "max_minutes": "max_minutes", "prediction_type": "prediction_type", "seed": "seed", "randomize": "randomize",
+        "source_branch": "source_branch",
     }),
     "train-evaluator": (EvaluatorConfig, {"steps": "steps", "batch_size": "batch_size", "seed": "seed",
                                           "randomize": "randomize"}),

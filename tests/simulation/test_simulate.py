@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.mask_branch import has_mask_branch
+from common.branches import Branches, branches
 from common.model import load_ldm
 from common.privacy import Segment, epsilon
 from common.release import directory_digest
@@ -17,11 +17,13 @@ from simulation.cli import app
 
 
 @pytest.mark.slow  # real processes (Ray, fresh Python workers)
-def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Path, ledger_of) -> None:
+def test_two_sites_two_rounds(private_sites: Path, source_base: Path, tmp_path: Path, ledger_of) -> None:
+    """The base has the source branch (missing-sequence synthesis), so the sites also train it on
+    their subjects' paired contrasts, and the release, its card and its evaluation cover it."""
     tiny_sites = private_sites
     out = tmp_path / "run"
     args = ["simulate", "--scenario", "tiny", "--sites", str(tiny_sites), "--rounds", "2", "--local-steps", "2",
-            "--batch-size", "2", "--base-model", str(tiny_base), "--out", str(out)]  # fmt: skip
+            "--batch-size", "2", "--base-model", str(source_base), "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     # Quiet: no ClientApp output and no Flower log lines in the terminal; both are in the run directory.
@@ -96,10 +98,11 @@ def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Pa
         composed = epsilon([Segment(**x) for x in child_site["segments"]], child_site["delta"], "pld")
         assert composed * (1 - 1e-3) <= child_site["epsilon"] <= composed * (1 + 1e-3)
         assert parent_site["epsilon"] < child_site["epsilon"] <= 8.0  # composed, and still within the budget
-    assert has_mask_branch(load_ldm(child).denoiser.unet) and not has_mask_branch(load_ldm(release).denoiser.unet)
+    assert branches(load_ldm(release).denoiser.unet) == Branches(mask=False, sources=True)
+    assert branches(load_ldm(child).denoiser.unet) == Branches(mask=True, sources=True)
     assert "**Mask branch.**" in (child / "README.md").read_text()
     card = (release / "README.md").read_text()
-    assert "**Mask branch.**" not in card
+    assert "**Mask branch.**" not in card and "**Source branch (missing-sequence synthesis).**" in card
     assert "any one patient of tiny-a changes the probability of any outcome" in card
     assert "synthetic hospital, 3 T" in card  # the declared coverage, read from the site YAML
     # Federated evaluation of that release: each site on its held-out subject, aggregates only.
@@ -119,6 +122,9 @@ def test_two_sites_two_rounds(private_sites: Path, tiny_base: Path, tmp_path: Pa
     assert any("none (unseen)" in row for row in adherence_rows) and any("tiny-a" in row for row in adherence_rows)
     site_rows = (evaluation / "evaluation_sites.csv").read_text()
     assert "tiny-a" in site_rows and "tiny-b" in site_rows
+    translation = (evaluation / "evaluation_translation.csv").read_text()  # the sites' held-out pairs
+    assert "tiny-a,T1w+T2w,FLAIR," in translation and "tiny-b,T1w+T2w,FLAIR," in translation
+    assert "tiny-a: T1w+T2w -> FLAIR" in summary["translation"]
     assert list((tiny_sites / ".fedmri-eval" / "tiny-a").glob("closest_*.png"))  # stays at the site
     again = CliRunner().invoke(app, ["release", str(out), "--out", str(release)])
     assert again.exit_code == 2 and "not empty" in " ".join(again.output.split())
