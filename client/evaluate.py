@@ -47,6 +47,7 @@ CONDITION_KEYS = (
     "n_generated", "n_heldout_slices", "n_heldout_subjects", "fd", "fd_real", "ms_ssim", "ms_ssim_real",
     *(f"adherence_{h}" for h in HEADS), *(f"adherence_real_{h}" for h in HEADS), "memorized",
 )  # fmt: skip
+MODALITY_NAMES = {m.value for m in Modality}
 UTILITY_KEYS = ("utility_k", "utility_synthetic_per_class", "utility_real_only", "utility_with_synthetic")
 
 
@@ -70,8 +71,11 @@ def evaluate_site(
     heldout: SiteSlices,
     settings: EvalRequest,
     private_dir: Path,
+    translation: bool = False,
 ) -> dict[str, float]:
-    """Every figure as a flat {"<modality>/<pathology>/<key>": value, "utility_*": value} mapping."""
+    """Every figure as a flat {"<modality>/<pathology>/<key>": value, "utility_*": value} mapping;
+    with `translation` (the site's privacy.evaluate_translation), a model with the source branch
+    is also scored on translation ("translate/..." keys)."""
     if len(heldout) == 0:
         raise ValueError("this site has no held-out subjects (data.holdout_fraction is 0): nothing to evaluate on")
     rng = np.random.default_rng(settings.seed)
@@ -127,7 +131,9 @@ def evaluate_site(
             "raise data.holdout_fraction or lower privacy.min_eval_subjects"
         )
     out.update(_utility(training, heldout, generated_by_modality, settings))
-    if has_source_branch(ldm.denoiser.unet):  # missing-sequence synthesis (client/evaluate_translation.py)
+    if translation and has_source_branch(
+        ldm.denoiser.unet
+    ):  # missing-sequence synthesis (client/evaluate_translation.py)
         out.update(translation_metrics(ldm, heldout, settings))
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
@@ -175,8 +181,9 @@ def check_keys(metrics: dict[str, float]) -> None:
             key in UTILITY_KEYS
             or (len(parts) == 3 and parts[2] in CONDITION_KEYS)
             or (len(parts) == 4 and parts[0] == "held")
-            or (len(parts) == 4 and parts[0] == "translate" and parts[3] in TRANSLATE_KEYS)
-        )
+            or (len(parts) == 4 and parts[0] == "translate" and parts[3] in TRANSLATE_KEYS
+                and parts[2] in MODALITY_NAMES and set(parts[1].split("+")) <= MODALITY_NAMES)
+        )  # fmt: skip
         if not ok:
             raise ValueError(f"evaluation metric {key!r} is not on the whitelist")
 
@@ -216,7 +223,9 @@ def run_site_evaluation(
         site_device(site, yaml_path, device)
     )  # the evaluator: CPU
     private_dir = Path(yaml_path).resolve().parent / ".fedmri-eval" / site.site_id
-    metrics = evaluate_site(ldm, load_evaluator(), training, heldout, settings, private_dir)
+    metrics = evaluate_site(
+        ldm, load_evaluator(), training, heldout, settings, private_dir, policy.evaluate_translation
+    )
     metrics.update(held_flags(training))
     check_keys(metrics)
     path, _ = ledger_terms(site, len(training.subjects))

@@ -3,7 +3,8 @@
 For each contrast T that the held-out subjects have, and each source set drawn from their other
 contrasts (every single one, and T1w + T2w for FLAIR), the site translates up to
 `samples_per_condition` held-out T slices that have every source at the same position
-(sites/datasets.source_rows), spread over as many subjects as possible, each with the real slice's own conditions, and compares the
+(sites/datasets.source_rows), spread over as many subjects as possible and at most
+ceil(n / subjects) from any one, each with the real slice's own conditions, and compares the
 result with the real slice (common/metrics.py, whole slice, data range 1):
 
 - psnr, ssim: synthetic against real;
@@ -11,7 +12,9 @@ result with the real slice (common/metrics.py, whole slice, data range 1):
   histogram, from whichever source of the set scores the higher mean SSIM;
 - n_slices, n_subjects: what the figures rest on.
 
-Only these aggregates leave, each over at least `min_subjects` held-out subjects.
+Only these aggregates leave, each over at least `min_subjects` held-out subjects, and only if
+the site's policy opts in (privacy.evaluate_translation): here the server's model reads held-out
+pixels, a richer channel than the rest of the evaluation.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ def source_sets(present: set[Modality], target: Modality) -> list[tuple[Modality
 
 
 def _spread(rows: np.ndarray, subjects: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to n of `rows`, taken from each subject in turn (each subject's in random order), so
-    that the slices cover as many subjects as they can."""
+    """Up to n of `rows`, taken from each subject in turn (each subject's in random order) and at
+    most ceil(n / subjects) from any one, so that no subject dominates a figure."""
     queues = [rng.permutation(rows[subjects == s]) for s in rng.permutation(np.unique(subjects))]
-    order = [q[i] for i in range(max((len(q) for q in queues), default=0)) for q in queues if i < len(q)]
+    if not queues:
+        return np.zeros(0, dtype=np.int64)
+    cap = -(-n // len(queues))
+    order = [q[i] for i in range(cap) for q in queues if i < len(q)]
     return np.array(order[:n], dtype=np.int64)
 
 

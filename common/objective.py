@@ -29,15 +29,19 @@ def encode_sources(
     vae: AutoencoderKL, images: torch.Tensor, scale_factor: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Source slices [B, 5, 1, H, W] in [-1, 1], NaN where not given (sites/datasets.py) -> scaled
-    latents [B, 5, 4, h, w], NaN where not given (common/source_branch.py). Only given ones are encoded."""
+    latents [B, 5, 4, h, w], a sample of q(z|x), NaN where not given (common/source_branch.py).
+
+    Only given slices are encoded, but the sampling noise is drawn for every slot, so how many
+    sources one subject has never shifts the random draws of the rows after it."""
     flat = images.flatten(0, 1)  # -> [B·5, 1, H, W]
     given = ~torch.isnan(flat).flatten(1).any(1)  # -> [B·5]
     size = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
-    latents = torch.full(
-        (len(flat), vae.config.latent_channels, size, size), float("nan"), device=images.device
-    )  # -> [B·5, 4, h, w]
+    shape = (len(flat), vae.config.latent_channels, size, size)
+    noise = torch.randn(shape, generator=generator, device=images.device)  # -> [B·5, 4, h, w]
+    latents = torch.full(shape, float("nan"), device=images.device)
     if given.any():
-        latents[given] = encode(vae, flat[given], scale_factor, generator)
+        posterior = vae.encode(flat[given]).latent_dist
+        latents[given] = (posterior.mean + posterior.std * noise[given]) * scale_factor
     return latents.unflatten(0, images.shape[:2])  # -> [B, 5, 4, h, w]
 
 

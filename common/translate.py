@@ -63,8 +63,9 @@ def check_sources(ldm: LDM, modalities: list[Modality], target: Target) -> None:
 
 @torch.no_grad()
 def source_latents(ldm: LDM, images: np.ndarray, modalities: list[Modality], batch_size: int = 64) -> torch.Tensor:
-    """Source slices [n, S, H, W] in [0, 1], scan n of contrast modalities[n] -> scaled posterior
-    means in each contrast's slot, NaN in the others. -> [S, 5, 4, h, w]"""
+    """Source slices [n, S, H, W] in [0, 1] (NaN where scan n does not reach), scan n of contrast
+    modalities[n] -> scaled posterior means in each contrast's slot, NaN in the others and where
+    the scan does not reach. -> [S, 5, 4, h, w]"""
     device = ldm.device
     count = images.shape[1]
     size, channels = ldm.latent_size, ldm.vae.config.latent_channels
@@ -72,10 +73,11 @@ def source_latents(ldm: LDM, images: np.ndarray, modalities: list[Modality], bat
     for scan, modality in zip(images, modalities, strict=True):
         slot = SOURCE_MODALITIES.index(modality)
         pixels = torch.from_numpy(np.ascontiguousarray(scan, dtype=np.float32)).unsqueeze(1) * 2 - 1  # -> [S, 1, H, W]
-        for start in range(0, count, batch_size):
-            batch = pixels[start : start + batch_size].to(device)
-            mean = ldm.vae.encode(batch).latent_dist.mean * ldm.settings.scale_factor  # -> [b, 4, h, w]
-            latents[start : start + batch_size, slot] = mean.cpu()
+        reached = torch.nonzero(~torch.isnan(pixels).flatten(1).any(1)).flatten()  # slices this scan covers
+        for start in range(0, len(reached), batch_size):
+            chosen = reached[start : start + batch_size]
+            mean = ldm.vae.encode(pixels[chosen].to(device)).latent_dist.mean * ldm.settings.scale_factor
+            latents[chosen, slot] = mean.cpu()  # -> [b, 4, h, w]
     return latents
 
 

@@ -109,7 +109,7 @@ def translation_rows(results: dict[str, dict[str, float]]) -> list[dict]:
     for site_id, metrics in sorted(results.items()):
         pairs = sorted({tuple(k.split("/")[1:3]) for k in metrics if k.startswith("translate/")})
         for sources, target in pairs:
-            value = {key: metrics[f"translate/{sources}/{target}/{key}"] for key in TRANSLATE_KEYS}
+            value = {key: metrics.get(f"translate/{sources}/{target}/{key}", float("nan")) for key in TRANSLATE_KEYS}
             rows.append({
                 "site": site_id, "sources": sources, "target": target, **value,
                 "psnr_gain_db": value["psnr"] - value["psnr_copy"], "ssim_gain": value["ssim"] - value["ssim_copy"],
@@ -143,7 +143,11 @@ def unseen_translation_rows(
     for path in public_sites:
         site = load_site(Path(path))
         _, heldout = split_subjects(read_site_data(site), site.site_id, site.data.holdout_fraction)
-        field = field_of(heldout)
+        try:
+            field = field_of(heldout)
+        except ValueError as err:  # the report goes on without this site, and says why
+            log.warning("translation: %s skipped: %s", site.site_id, err)
+            continue
         skip = {
             (sources, target)
             for site_id, metrics in sites.items()

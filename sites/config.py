@@ -150,6 +150,10 @@ class PrivacyPolicy:
     # subjects at least (per reported figure). The server can only ask for more, never fewer.
     evaluate: bool = True
     min_eval_subjects: int = 10
+    # Translation scores (client/evaluate_translation.py) run the server's model on held-out
+    # pixels and compare its output with held-out slices: a richer channel than the rest of the
+    # evaluation, so a site opts in.
+    evaluate_translation: bool = False
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:

@@ -57,7 +57,7 @@ def parse_source(text: str) -> SourceScan:
 class SliceStack:
     """The reference scan's kept axial slices and every scan resampled onto them."""
 
-    images: np.ndarray  # [n_scans, S, H, W] in [0, 1], scans in the order given
+    images: np.ndarray  # [n_scans, S, H, W] in [0, 1], scans in the order given; NaN where a scan does not reach
     positions: np.ndarray  # [S] 1 = top of the head (sites/volume.py); NaN = unknown
     kept: tuple[int, int]  # first and last kept slice of the reference's RAS grid
     grid: tuple[np.ndarray, np.ndarray]  # voxel x and y of each pixel on that grid, [H, W] each
@@ -79,9 +79,13 @@ def _resampled(
     for n, z in enumerate(rows):
         points = np.stack([cols, lines, np.full_like(cols, z), np.ones_like(cols)]).reshape(4, -1)  # -> [4, H·W]
         voxel = (to_voxel @ points)[:3]
+        covered = ((voxel[2] >= -0.5) & (voxel[2] <= data.shape[2] - 0.5)).mean()
+        if covered < 0.5:
+            out[n] = np.nan
+            continue
         out[n] = ndimage.map_coordinates(smooth, voxel, order=1, mode="constant", cval=0.0).reshape(cols.shape)
     scale = np.percentile(data[foreground_of(data)], 99.5)
-    return np.clip(out / scale, 0.0, 1.0)
+    return np.clip(out / scale, 0.0, 1.0)  # NaN stays NaN
 
 
 def stack_scans(scans: list[SourceScan], image_size: int, fov_mm: float) -> SliceStack:
@@ -99,7 +103,7 @@ def stack_scans(scans: list[SourceScan], image_size: int, fov_mm: float) -> Slic
     images = [first.astype(np.float32)]
     for scan in scans[1:]:
         resampled = _resampled(scan.path, affine, grid, rows, fov_mm / image_size)
-        if resampled.max() == 0:
+        if not np.nanmax(resampled, initial=0.0) > 0:
             raise SiteDataError(
                 f"{scan.path}: does not overlap {reference.path} in world coordinates (check both affines)"
             )

@@ -11,10 +11,14 @@ from common.model import load_ldm, model_configs
 from common.protocol import EvalRequest
 
 
-def test_a_site_returns_aggregates_for_its_held_out_conditions(tiny_sites: Path, tiny_base: Path) -> None:
-    ldm = load_ldm(tiny_base)
+def test_a_site_returns_aggregates_for_its_held_out_conditions(
+    tiny_sites: Path, source_base: Path, tmp_path: Path
+) -> None:
+    """A model with the source branch is also scored on translation, if the site's policy opts in
+    (tiny-a does, as the demo hospitals do); a site that does not opt in answers the rest only."""
+    ldm = load_ldm(source_base)
     settings = EvalRequest(
-        3, steps=2, min_subjects=1, few_shot_k=1, few_shot_repeats=1, model_configs=model_configs(tiny_base)
+        3, steps=2, min_subjects=1, few_shot_k=1, few_shot_repeats=1, model_configs=model_configs(source_base)
     )
     yaml_path = str(tiny_sites / "tiny-a.yaml")
     site_id, metrics, private = run_site_evaluation(
@@ -32,12 +36,21 @@ def test_a_site_returns_aggregates_for_its_held_out_conditions(tiny_sites: Path,
     assert 0 <= metrics["utility_real_only"] <= 1 and metrics["utility_k"] == 1
     assert any(k.startswith("held/T1w/") for k in metrics)
     assert private.is_relative_to(tiny_sites)  # the PNGs of patient slices stay beside the site's YAML
+    assert "translate/T1w+T2w/FLAIR/ssim" in metrics
+    opted_out = _site_with(tiny_sites, tmp_path, evaluate_translation=False, min_eval_subjects=1)
+    _, without, _ = run_site_evaluation(opted_out, settings, ldm.vae.state_dict(), ldm.denoiser.state_dict())
+    assert not [k for k in without if k.startswith("translate/")] and set(without) == set(metrics) - {
+        k for k in metrics if k.startswith("translate/")
+    }
 
 
 def test_only_whitelisted_keys_may_leave() -> None:
-    check_keys({"T1w/healthy/fd": 1.0, "utility_real_only": 0.5, "held/T1w/healthy/2": 1.0})
-    with pytest.raises(ValueError, match="not on the whitelist"):
-        check_keys({"T1w/healthy/closest_subject": 3.0})
+    check_keys({"T1w/healthy/fd": 1.0, "utility_real_only": 0.5, "held/T1w/healthy/2": 1.0,
+                "translate/T1w+T2w/FLAIR/ssim": 0.8})  # fmt: skip
+    for key in ("T1w/healthy/closest_subject", "translate/T1w+T2w/FLAIR/subject_ssim",
+                "translate/sub-07/FLAIR/ssim", "translate/T1w/sub-07/psnr"):  # fmt: skip
+        with pytest.raises(ValueError, match="not on the whitelist"):
+            check_keys({key: 3.0})
 
 
 def _site_with(tiny_sites: Path, tmp_path: Path, **privacy: object) -> str:

@@ -69,3 +69,15 @@ def test_the_copy_baseline_undoes_a_monotone_contrast_but_not_an_inverted_one() 
     matched, flipped = match_intensities(gamma, real), match_intensities(inverted, real)
     assert ssim(matched, real).mean() > 0.95
     assert ssim(flipped, real).mean() < ssim(matched, real).mean() - 0.3
+
+
+def test_slices_are_spread_over_subjects_and_none_dominates() -> None:
+    from client.evaluate_translation import _spread
+
+    rows = np.arange(104)
+    subjects = np.array([0] * 100 + [1, 2, 3, 4])  # one subject with 100 candidate slices, four with 1
+    chosen = _spread(rows, subjects, 32, np.random.default_rng(0))
+    counts = np.bincount(subjects[chosen], minlength=5)
+    assert counts.tolist() == [7, 1, 1, 1, 1]  # ceil(32 / 5) = 7 from the big one, not 28
+    even = _spread(np.arange(40), np.repeat(np.arange(10), 4), 16, np.random.default_rng(1))
+    assert len(even) == 16 and np.bincount(np.repeat(np.arange(10), 4)[even]).max() == 2

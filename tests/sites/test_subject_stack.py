@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -52,23 +53,51 @@ def test_scans_on_other_grids_land_on_the_references_pixels(scans: dict[str, Pat
     assert stack.images.shape[1] == len(stack.positions) == stack.kept[1] - stack.kept[0] + 1
 
 
-def test_slices_go_back_to_the_reference_files_own_shape_affine_and_voxels(scans: dict[str, Path]) -> None:
+@pytest.mark.parametrize("reference", ["oblique", "lps"])
+def test_slices_go_back_to_the_reference_files_own_shape_affine_and_voxels(
+    scans: dict[str, Path], reference: str
+) -> None:
     """Unslicing inverts slicing: the reference's own slices, put back, match the file's voxels
-    (normalised) inside the brain, on its oblique grid; put back mirrored, they do not."""
-    stack = stack_scans([SourceScan(scans["oblique"], Modality.T1w)], 64, 220.0)
+    (normalised) inside the brain, on its own grid (oblique, or stored LPS); put back mirrored,
+    or one slice off, they do not."""
+    stack = stack_scans([SourceScan(scans[reference], Modality.T1w)], 64, 220.0)
     image = to_scan_grid(stack.images[0], stack)
-    original = nib.load(scans["oblique"])
+    original = nib.load(scans[reference])
     assert image.shape == original.shape and np.array_equal(image.affine, original.affine)
     assert image.header.get_sform(coded=True)[1] == 1 and image.header.get_qform(coded=True)[1] == 1
     voxels = np.asarray(original.dataobj, dtype=np.float32)
     normalised = voxels / np.percentile(voxels[voxels > 0.1 * np.percentile(voxels, 99)], 99.5)
     back = image.get_fdata()
     inside = (normalised > 0.3) & (back > 0)  # the brain, within the kept slab
-    assert inside.sum() > 50_000
-    error = np.abs(back - normalised)[inside].mean()
-    mirrored = np.abs(to_scan_grid(stack.images[0][:, :, ::-1], stack).get_fdata() - normalised)[inside].mean()
-    print(f"mean |difference| in the brain: put back {error:.4f}, mirrored {mirrored:.4f}")
-    assert error < 0.05 and mirrored > 2 * error
+    assert inside.sum() > 20_000
+
+    def error(volume: np.ndarray) -> float:
+        return float(np.abs(volume - normalised)[inside].mean())
+
+    mirrored = error(to_scan_grid(stack.images[0][:, :, ::-1], stack).get_fdata())
+    shifted = replace(stack, kept=(stack.kept[0] + 1, stack.kept[1] + 1))
+    one_off = error(to_scan_grid(stack.images[0], shifted).get_fdata())
+    print(f"{reference}: mean |difference| in the brain: put back {error(back):.4f}, mirrored {mirrored:.4f}, "
+          f"one slice off {one_off:.4f}")  # fmt: skip
+    assert error(back) < 0.035 and mirrored > 2 * error(back) and one_off > 1.5 * error(back)
+
+
+def test_a_scan_that_reaches_only_part_of_the_slab_is_not_given_beyond_it(
+    scans: dict[str, Path], tmp_path: Path
+) -> None:
+    """A T2w that stops 40 mm below the top of the reference's head: those slices have no T2w
+    (NaN, as a missing source in training), the others do."""
+    original = nib.load(scans["lps"])
+    data = np.asarray(original.dataobj)
+    keep = data.shape[2] - 14  # drop the top 14 slices of 3 mm
+    partial = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(nib.Nifti1Image(data[:, :, :keep], original.affine), partial)
+    stack = stack_scans([SourceScan(scans["oblique"], Modality.T1w), SourceScan(partial, Modality.T2w)], 64, 220.0)
+    missing = np.isnan(stack.images[1]).all((1, 2))
+    assert 0 < missing.sum() < len(missing) and not np.isnan(stack.images[0]).any()
+    assert not np.isnan(stack.images[1][~missing]).any()
+    top = stack.positions[missing]  # the slices without a T2w are the top ones
+    assert top.min() > stack.positions[~missing].max()
 
 
 def test_a_scan_that_does_not_overlap_the_reference_is_refused(scans: dict[str, Path], tmp_path: Path) -> None:
