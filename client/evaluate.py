@@ -13,6 +13,7 @@ vectors: field strength, TR, TE, TI, slice position) and compares them with thos
 
 Then, once per site, downstream utility: a few-shot contrast classifier with k real training
 slices per modality, with and without the generated ones, scored on every held-out slice; and,
+for a model with the mask branch, the downstream segmentation gain (client/evaluate_segmentation.py);
 for a model with the source branch, missing-sequence synthesis (client/evaluate_translation.py).
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.evaluate_segmentation import SEGMENT_KEYS, segmentation_gain
 from client.evaluate_translation import TRANSLATE_KEYS, translation_metrics
 from common.conditions import Modality, Pathology
 from common.evaluator import HEADS, Evaluator, field_class
@@ -48,6 +50,7 @@ CONDITION_KEYS = (
     *(f"adherence_{h}" for h in HEADS), *(f"adherence_real_{h}" for h in HEADS), "memorized",
 )  # fmt: skip
 MODALITY_NAMES = {m.value for m in Modality}
+FOCAL_NAMES = {Pathology.glioma.value, Pathology.ms.value}
 UTILITY_KEYS = ("utility_k", "utility_synthetic_per_class", "utility_real_only", "utility_with_synthetic")
 
 
@@ -131,9 +134,8 @@ def evaluate_site(
             "raise data.holdout_fraction or lower privacy.min_eval_subjects"
         )
     out.update(_utility(training, heldout, generated_by_modality, settings))
-    if translation and has_source_branch(
-        ldm.denoiser.unet
-    ):  # missing-sequence synthesis (client/evaluate_translation.py)
+    out.update(segmentation_gain(ldm, training, heldout, settings))  # a model with the mask branch only
+    if translation and has_source_branch(ldm.denoiser.unet):  # client/evaluate_translation.py
         out.update(translation_metrics(ldm, heldout, settings))
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
@@ -183,6 +185,7 @@ def check_keys(metrics: dict[str, float]) -> None:
             or (len(parts) == 4 and parts[0] == "held")
             or (len(parts) == 4 and parts[0] == "translate" and parts[3] in TRANSLATE_KEYS
                 and parts[2] in MODALITY_NAMES and set(parts[1].split("+")) <= MODALITY_NAMES)
+            or (len(parts) == 3 and parts[0] == "segment" and parts[1] in FOCAL_NAMES and parts[2] in SEGMENT_KEYS)
         )  # fmt: skip
         if not ok:
             raise ValueError(f"evaluation metric {key!r} is not on the whitelist")

@@ -398,6 +398,11 @@ class EvalRequest:
 TRANSLATE_KEYS = ("n_slices", "n_subjects", "psnr", "ssim", "psnr_copy", "ssim_copy")
 
 
+# A site's downstream segmentation gain, per focal pathology: "segment/<pathology>/<key>"
+# (client/evaluate_segmentation.py).
+SEGMENT_KEYS = ("k", "repeats", "n_synthetic", "n_test_subjects", "dice_real_only", "dice_with_synthetic")
+
+
 @dataclass(frozen=True)
 class EvalReply:
     """A site's evaluation: aggregates over its held-out subjects only (client/evaluate.py)."""

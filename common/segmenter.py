@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.conditions import Modality, Pathology
 from common.fit import fit
 from common.mask_branch import MASK_LABELS
 from common.weights import load_network, save_network, shipped_dir
@@ -30,6 +31,10 @@ SEGMENTER_DIR = Path(__file__).parent / "weights" / NAME
 WEIGHTS = "segmenter.safetensors"
 CLASSES = 1 + len(MASK_LABELS)  # background, then each lesion label
 REBUILD = "`fedmri train-segmenter --out DIR`"
+# The contrasts on which the shipped segmenter finds each lesion in real held-out reference slices
+# (whole-lesion Dice >= 0.5, its provenance.json); on the others (T1w; T1ce; MS on T2w) it cannot
+# tell a followed mask from an ignored one. Mask adherence and the downstream gain use these.
+MASK_CONTRASTS = {Pathology.glioma: (Modality.T2w, Modality.FLAIR, Modality.PDw), Pathology.ms: (Modality.FLAIR,)}
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

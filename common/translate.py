@@ -175,7 +175,7 @@ def write_sheet(
             if c == 0:
                 ax.set_ylabel(f"slice {index}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

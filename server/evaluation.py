@@ -25,10 +25,10 @@ from common.evaluator import FIELD_CLASSES, HEADS, Evaluator, field_class
 from common.metrics import adherence
 from common.model import LDM
 from common.prompts import conditions_to_vector
-from common.protocol import TRANSLATE_KEYS, EvalReply, EvalRequest
+from common.protocol import SEGMENT_KEYS, TRANSLATE_KEYS, EvalReply, EvalRequest
 from common.run_config import RunConfig
 from common.sampling import sample
-from common.segmenter import Segmenter, dice
+from common.segmenter import MASK_CONTRASTS, Segmenter, dice
 from sites.bids import SiteSlices
 
 log = logging.getLogger("fedmri.server")
@@ -114,6 +114,22 @@ def translation_rows(results: dict[str, dict[str, float]]) -> list[dict]:
                 "site": site_id, "sources": sources, "target": target, **value,
                 "psnr_gain_db": value["psnr"] - value["psnr_copy"], "ssim_gain": value["ssim"] - value["ssim_copy"],
             })  # fmt: skip
+    return rows
+
+
+def segmentation_rows(results: dict[str, dict[str, float]]) -> list[dict]:
+    """One row per (site, pathology) from the "segment/<pathology>/<key>" metrics
+    (client/evaluate_segmentation.py), with the relative gain of adding the synthetic pairs."""
+    rows = []
+    for site_id, metrics in sorted(results.items()):
+        for pathology in sorted({k.split("/")[1] for k in metrics if k.startswith("segment/")}):
+            value = {key: metrics.get(f"segment/{pathology}/{key}", float("nan")) for key in SEGMENT_KEYS}
+            gain = (
+                value["dice_with_synthetic"] / value["dice_real_only"] - 1
+                if value["dice_real_only"] > 0
+                else float("nan")
+            )
+            rows.append({"site": site_id, "pathology": pathology, **value, "relative_gain": gain})
     return rows
 
 
@@ -212,12 +228,6 @@ def grid_adherence(
             }
         )
     return rows
-
-
-# Where mask adherence is measured: the contrasts on which the shipped segmenter finds each lesion
-# in real held-out reference slices (whole-lesion Dice >= 0.5, its provenance.json); on the others
-# (T1w; T1ce; MS on T2w) it cannot tell a followed mask from an ignored one.
-MASK_CONTRASTS = {Pathology.glioma: (Modality.T2w, Modality.FLAIR, Modality.PDw), Pathology.ms: (Modality.FLAIR,)}
 
 
 def mask_adherence_rows(ldm: LDM, segmenter: Segmenter, samples: int, steps: int, seed: int = 0) -> list[dict]:
@@ -368,6 +378,7 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         mask_adherence_rows(ldm, load_segmenter(), run.eval_grid_samples, run.eval_steps, run.seed) if masked else []
     )
     translated = translation_rows(sites)
+    segmented = segmentation_rows(sites)
     unseen_pairs = (
         unseen_translation_rows(ldm, run.eval_public_sites.split(","), sites, request)
         if translated and run.eval_public_sites
@@ -382,6 +393,7 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         plot_report(site_rows(sites), grid_rows, utility_rows(sites), out / "evaluation.png"),
         *(write_table(mask_rows, out / "evaluation_masks") if mask_rows else ()),
         *(write_table(translated, out / "evaluation_translation") if translated else ()),
+        *(write_table(segmented, out / "evaluation_segmentation") if segmented else ()),
         *(write_table(unseen_pairs, out / "evaluation_translation_unseen") if unseen_pairs else ()),
     ]
     summary = {
@@ -395,6 +407,9 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         }
         if mask_rows
         else "the model has no mask branch",
+        "segmentation_gain": {f"{r['site']}: {r['pathology']}": r for r in segmented}
+        if segmented
+        else "not measured (the model has no mask branch, or no site has k patients with lesion masks)",
         "translation": {
             f"{r['site']}: {r['sources']} -> {r['target']}": {
                 k: r[k] for k in ("ssim", "psnr", "ssim_copy", "psnr_copy", "psnr_gain_db")

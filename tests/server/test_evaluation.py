@@ -60,3 +60,12 @@ def test_pairs_no_site_holds_are_scored_on_public_sites_and_held_ones_are_not(
     elsewhere = {"translate/T1w+T2w/FLAIR/ssim": 0.5, "held/FLAIR/healthy/2": 1.0}  # the same pair, at 3 T
     rows = unseen_translation_rows(ldm, [str(tiny_sites / "tiny-public.yaml")], {"site-3t": elsewhere}, request)
     assert ("T1w+T2w", "FLAIR") in {(r["sources"], r["target"]) for r in rows}
+
+
+def test_segmentation_rows_give_each_sites_relative_gain() -> None:
+    from server.evaluation import segmentation_rows
+
+    figures = {"k": 5.0, "repeats": 3.0, "n_synthetic": 64.0, "n_test_subjects": 12.0,
+               "dice_real_only": 0.5, "dice_with_synthetic": 0.57}  # fmt: skip
+    rows = segmentation_rows({"hospital-a": {f"segment/glioma/{k}": v for k, v in figures.items()}, "hospital-c": {}})
+    assert len(rows) == 1 and rows[0]["pathology"] == "glioma" and math.isclose(rows[0]["relative_gain"], 0.14)
