@@ -46,7 +46,9 @@ def main() -> None:
         stack = stack_scans(scans, ldm.settings.image_size, ldm.settings.fov_mm)
         real = resample_onto(args.real_dev / f"{subject}_FLAIR.nii.gz", stack)  # -> [S, H, W]
         # The provenance leaves these scans' field strength unverified: the model's "unknown".
-        synthetic = translate_slices(ldm, stack.images, [s.modality for s in scans], stack.positions, Target(Modality.FLAIR))
+        synthetic = translate_slices(
+            ldm, stack.images, [s.modality for s in scans], stack.positions, Target(Modality.FLAIR)
+        )
         reached = ~np.isnan(real).any((1, 2)) & ~np.isnan(stack.images).any((0, 2, 3))
         truth, made, sources = real[reached], synthetic[reached], stack.images[:, reached]
         copy = max((match_intensities(s, truth) for s in sources), key=lambda c: float(ssim(c, truth).mean()))
