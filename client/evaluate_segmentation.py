@@ -19,7 +19,7 @@ copied into them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def downstream_dice(
     for repeat in range(cfg.repeats):
         chosen = np.isin(real.subjects, rng.choice(with_lesion, cfg.k, replace=False))
         images, masks = real.images[chosen], real.masks[chosen]
-        settings = SegmenterConfig(**{**cfg.segmenter.__dict__, "seed": cfg.segmenter.seed + repeat})
+        settings = replace(cfg.segmenter, seed=cfg.segmenter.seed + repeat)
         real_only.append(_lesion_dice(Segmenter(train_segmenter(images, masks, settings)), test))
         both = train_segmenter(
             np.concatenate([images, synthetic.images]), np.concatenate([masks, synthetic.masks]), settings

@@ -69,6 +69,7 @@ def translate(
     from common.conditions import parse_modality
     from common.model import load_ldm
     from common.translate import Target, check_sources, sidecar, translate_slices, write_json, write_sheet
+    from sites.bids import sidecar_path
     from sites.subject_stack import parse_source, resample_onto, stack_scans, to_scan_grid
     from sites.volume import SiteDataError
 
@@ -79,7 +80,7 @@ def translate(
                 raise FileNotFoundError(f"{scan.path}: no such file")
         field = field_strength
         if field is None:
-            side = scans[0].path.with_name(scans[0].path.name.split(".nii")[0] + ".json")
+            side = sidecar_path(scans[0].path)
             field = json.loads(side.read_text()).get("MagneticFieldStrength") if side.exists() else None
             if field is None:
                 console.print("[yellow]note:[/yellow] field strength unknown (no --field, no MagneticFieldStrength "

@@ -117,6 +117,16 @@ def translation_rows(results: dict[str, dict[str, float]]) -> list[dict]:
     return rows
 
 
+def _translation_summary(rows: list[dict]) -> dict[str, dict]:
+    """evaluation.json's view of translation rows: the figures per site (and field) and pair."""
+    keys = ("ssim", "psnr", "ssim_copy", "psnr_copy", "psnr_gain_db")
+    summary = {}
+    for r in rows:
+        where = f"{r['site']} ({r['field']})" if "field" in r else r["site"]
+        summary[f"{where}: {r['sources']} -> {r['target']}"] = {k: r[k] for k in keys}
+    return summary
+
+
 def segmentation_rows(results: dict[str, dict[str, float]]) -> list[dict]:
     """One row per (site, pathology) from the "segment/<pathology>/<key>" metrics
     (client/evaluate_segmentation.py), with the relative gain of adding the synthetic pairs."""
@@ -410,20 +420,8 @@ def run_evaluation(grid: Grid, run: RunConfig) -> list[Path]:
         "segmentation_gain": {f"{r['site']}: {r['pathology']}": r for r in segmented}
         if segmented
         else "not measured (the model has no mask branch, or no site has k patients with lesion masks)",
-        "translation": {
-            f"{r['site']}: {r['sources']} -> {r['target']}": {
-                k: r[k] for k in ("ssim", "psnr", "ssim_copy", "psnr_copy", "psnr_gain_db")
-            }
-            for r in translated
-        }
-        if translated
-        else "the model has no source branch",
-        "translation_unseen": {
-            f"{r['site']} ({r['field']}): {r['sources']} -> {r['target']}": {
-                k: r[k] for k in ("ssim", "psnr", "ssim_copy", "psnr_copy", "psnr_gain_db")
-            }
-            for r in unseen_pairs
-        }
+        "translation": _translation_summary(translated) if translated else "the model has no source branch",
+        "translation_unseen": _translation_summary(unseen_pairs)
         if unseen_pairs
         else "not scored (no source branch, or no eval-public-sites)",
         "request": {k: v for k, v in asdict(request).items() if k != "model_configs"},

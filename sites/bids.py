@@ -185,19 +185,19 @@ def _index_scan(path: Path, subjects: dict[str, Subject], problems: _Problems, m
     if subject not in subjects:
         problems.report(path, f"subject {subject} is missing from participants.tsv (or has an invalid row there)")
         return None
-    sidecar_path = path.with_name(path.name.split(".nii")[0] + ".json")
+    sidecar_file = sidecar_path(path)
     sidecar: dict = {}
-    if sidecar_path.exists():
+    if sidecar_file.exists():
         try:
-            sidecar = json.loads(sidecar_path.read_text())
+            sidecar = json.loads(sidecar_file.read_text())
         except json.JSONDecodeError as err:
-            problems.report(sidecar_path, f"not valid JSON: {err}")
+            problems.report(sidecar_file, f"not valid JSON: {err}")
             return None
     values: dict[str, float | None] = {}
     for key in ACQUISITION_FIELDS:
         value = sidecar.get(key)
         if value is not None and (not isinstance(value, int | float) or not math.isfinite(value) or value <= 0):
-            problems.report(sidecar_path, f"sidecar field {key} is not a positive number ({value!r}; BIDS units: tesla, seconds)")  # fmt: skip
+            problems.report(sidecar_file, f"sidecar field {key} is not a positive number ({value!r}; BIDS units: tesla, seconds)")  # fmt: skip
             return None
         values[key] = float(value) if value is not None else None
     tr, te, ti = values["RepetitionTime"], values["EchoTime"], values["InversionTime"]
@@ -205,7 +205,7 @@ def _index_scan(path: Path, subjects: dict[str, Subject], problems: _Problems, m
     # in ms even a short TE (2-5 ms) is above 1. A short TR in ms (8 ms) is a plausible FLAIR TR in
     # seconds, so it cannot be told apart: TE is the field that catches such sidecars.
     if (tr is not None and tr > 100) or (te is not None and te > 1) or (ti is not None and ti > 100):
-        problems.report(sidecar_path, "RepetitionTime/EchoTime/InversionTime look like milliseconds; BIDS uses seconds")
+        problems.report(sidecar_file, "RepetitionTime/EchoTime/InversionTime look like milliseconds; BIDS uses seconds")
         return None
     for key, value in values.items():
         missing[key] += value is None and (key != "InversionTime" or modality is Modality.FLAIR)
@@ -325,8 +325,7 @@ def axial_slices(
     and `grid` slice_grid(...), when the caller has them already.
     """
     foreground, (z_lo, z_hi, positions) = slab or head_and_slab(data, zooms)
-    pixel = fov_mm / image_size
-    sigma = [max(0.0, 0.5 * (pixel / zooms[0] - 1.0)), max(0.0, 0.5 * (pixel / zooms[1] - 1.0))]
+    sigma = anti_alias_sigma(fov_mm / image_size, zooms)
     cols, rows = grid or slice_grid(foreground, zooms, image_size, fov_mm, (z_lo, z_hi))
     scale = np.percentile(data[foreground], 99.5)
     slices = []
@@ -335,6 +334,17 @@ def axial_slices(
         resampled = ndimage.map_coordinates(plane, [cols, rows], order=1, mode="constant", cval=0.0)
         slices.append(np.clip(resampled / scale, 0.0, 1.0))
     return np.stack(slices).astype(np.float16), positions
+
+
+def anti_alias_sigma(pixel_mm: float, zooms: tuple[float, ...]) -> list[float]:
+    """In-plane Gaussian σ (voxels) before resampling to `pixel_mm` pixels: half the excess of the
+    pixel over each voxel size, 0 where voxels are already coarser."""
+    return [max(0.0, 0.5 * (pixel_mm / zooms[0] - 1.0)), max(0.0, 0.5 * (pixel_mm / zooms[1] - 1.0))]
+
+
+def sidecar_path(scan: Path) -> Path:
+    """The BIDS JSON sidecar of a NIfTI scan: sub-01_T1w.nii.gz -> sub-01_T1w.json."""
+    return scan.with_name(scan.name.split(".nii")[0] + ".json")
 
 
 def slice_grid(

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from common.conditions import Modality
-from sites.bids import SUFFIXES, axial_slices, head_and_slab, slice_grid
+from sites.bids import SUFFIXES, anti_alias_sigma, axial_slices, head_and_slab, slice_grid
 from sites.volume import SiteDataError, foreground_of, load_volume_affine
 
 _SUFFIX = re.compile(r"_([A-Za-z0-9]+)\.nii(\.gz)?$")
@@ -71,7 +71,7 @@ def _resampled(
     """Scan `path` sampled at the pixels of slices `rows` of another grid, normalised as the reader
     normalises (the head's 99.5th percentile = 1, clipped to [0, 1]). -> [S, H, W] float32"""
     data, zooms, affine = load_volume_affine(path)
-    sigma = [max(0.0, 0.5 * (pixel_mm / zooms[0] - 1.0)), max(0.0, 0.5 * (pixel_mm / zooms[1] - 1.0)), 0.0]
+    sigma = [*anti_alias_sigma(pixel_mm, zooms), 0.0]
     smooth = ndimage.gaussian_filter(data, sigma) if max(sigma) > 0 else data  # in-plane anti-aliasing, as the reader
     to_voxel = np.linalg.inv(affine) @ stack_affine  # reference voxel -> this scan's voxel
     cols, lines = grid

@@ -58,38 +58,35 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tiny_sites: Path) -> Pat
     return out
 
 
-@pytest.fixture(scope="session")
-def masked_base(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base with a mask branch whose weights are not zero, so masks change the images."""
+def _widened_base(tiny_base: Path, out: Path, add_branch) -> Path:
+    """The tiny base with a branch (common/branches.py) whose input weights are not zero, so its
+    inputs change the images."""
     import torch
 
-    from common.mask_branch import add_mask_branch
     from common.model import load_ldm, save_ldm
 
     ldm = load_ldm(tiny_base)
-    add_mask_branch(ldm.denoiser.unet)
+    add_branch(ldm.denoiser.unet)
     with torch.no_grad():
         ldm.denoiser.unet.conv_in.weight[:, 4:].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
-    out = tmp_path_factory.mktemp("masked-base")
     save_ldm(ldm, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def masked_base(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base with a mask branch whose weights are not zero, so masks change the images."""
+    from common.mask_branch import add_mask_branch
+
+    return _widened_base(tiny_base, tmp_path_factory.mktemp("masked-base"), add_mask_branch)
 
 
 @pytest.fixture(scope="session")
 def source_base(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny base with a source branch whose weights are not zero, so sources change the images."""
-    import torch
-
-    from common.model import load_ldm, save_ldm
     from common.source_branch import add_source_branch
 
-    ldm = load_ldm(tiny_base)
-    add_source_branch(ldm.denoiser.unet)
-    with torch.no_grad():
-        ldm.denoiser.unet.conv_in.weight[:, 4:].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
-    out = tmp_path_factory.mktemp("source-base")
-    save_ldm(ldm, out)
-    return out
+    return _widened_base(tiny_base, tmp_path_factory.mktemp("source-base"), add_source_branch)
 
 
 @pytest.fixture
