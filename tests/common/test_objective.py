@@ -47,3 +47,24 @@ def test_ema_tracks_parameters() -> None:
     ema.update(module)
     averaged = ema.copy_to(module)
     assert torch.allclose(averaged.weight, module.weight - 0.5)
+
+
+def test_how_many_sources_one_subject_has_never_shifts_anothers_draws() -> None:
+    """encode_sources draws the sampling noise for every slot, given or not: subject 0 with 1 or
+    with 4 sources leaves subject 1's source latents bit-identical. (Sampling only the given
+    slots would draw a data-dependent amount of noise and shift every later row.)"""
+    from common.model import ModelSpec, build_ldm
+    from common.objective import encode_sources
+
+    spec = ModelSpec(image_size=16, vae_channels=(8, 8, 8), unet_channels=(16, 32), condition_dim=16,
+                     attention_head_dim=8, norm_groups=8)  # fmt: skip
+    vae = build_ldm(spec, seed=0).vae.eval()
+    images = torch.rand(2, 5, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    few, many = images.clone(), images.clone()
+    few[0, 1:] = float("nan")  # subject 0: one source
+    many[0, 4:] = float("nan")  # subject 0: four sources
+    few[1, 3:] = many[1, 3:] = float("nan")  # subject 1: three sources either way
+    first = encode_sources(vae, few, 0.5, torch.Generator().manual_seed(7))
+    second = encode_sources(vae, many, 0.5, torch.Generator().manual_seed(7))
+    assert torch.equal(first[1, :3], second[1, :3]) and torch.isnan(first[1, 3:]).all()
+    assert torch.equal(first[0, 0], second[0, 0]) and torch.isnan(first[0, 1:]).all()
